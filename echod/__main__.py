@@ -1,0 +1,5 @@
+import sys
+
+from echod.cli import main
+
+sys.exit(main())

@@ -1,0 +1,231 @@
+"""Configuration: built-in defaults < TOML file < ``ECHOD_*`` environment < command line.
+
+Every key is a field of :class:`Config` whose metadata says how to check it, so
+the file, the environment and the CLI share one validator, and an error always
+names the key (and, for a typo, the key that was probably meant).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from echod.addresses import Address, parse_address
+from echod.errors import ConfigError
+
+CONFIG_ENV = "ECHOD_CONFIG"
+ENV_PREFIX = "ECHOD_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+MAX_WORKERS = 512
+
+
+def default_runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/echod"
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"echod-{os.getuid()}")
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _between(low: int, high: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}"
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
+def _binds(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must list at least one address"
+    for text in value:
+        try:
+            parse_address(text)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _key(kind: type, check: Callable[[Any], str | None] | None = None, **extra: Any) -> Any:
+    """A config field: `kind` is the TOML type, `check` returns an error or None."""
+    default = extra.pop("default")
+    metadata = {"kind": kind, "check": check}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Config:
+    bind: tuple[str, ...] = _key(list, _binds, default=("127.0.0.1:7007",))
+    workers: int = _key(int, _between(1, MAX_WORKERS), default=lambda: os.cpu_count() or 1)
+    backlog: int = _key(int, _between(1, 65535), default=1024)
+    graceful_timeout: float = _key(float, _non_negative, default=30.0)
+    worker_timeout: float = _key(float, _positive, default=30.0)
+    idle_timeout: float = _key(float, _non_negative, default=300.0)
+    max_connections: int = _key(int, _between(1, 1_000_000), default=10000)
+    max_buffer: int = _key(int, _between(1024, 1 << 30), default=262144)
+    max_connections_per_child: int = _key(int, _non_negative, default=0)
+    max_connections_per_child_jitter: int = _key(int, _non_negative, default=0)
+    max_worker_memory: int = _key(int, _non_negative, default=0)
+    runtime_dir: str = _key(str, default=default_runtime_dir)
+    pidfile: str = _key(str, default="")
+    user: str = _key(str, default="")
+    group: str = _key(str, default="")
+    umask: int = _key(int, _between(0, 0o777), default=0o022)
+    log_level: str = _key(str, _one_of(LOG_LEVELS), default="info")
+    log_file: str = _key(str, default="")
+    log_format: str = _key(str, _one_of(LOG_FORMATS), default="text")
+    access_log: str = _key(str, default="")
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [parse_address(text) for text in self.bind]
+
+    @property
+    def pidfile_path(self) -> str:
+        return self.pidfile or os.path.join(self.runtime_dir, "echod.pid")
+
+    def to_toml(self) -> str:
+        lines = ["# effective echod configuration"]
+        for name, value in asdict(self).items():
+            lines.append(f"{name} = {_toml_value(name, value)}")
+        return "\n".join(lines) + "\n"
+
+
+KEYS: dict[str, Any] = {f.name: f for f in fields(Config)}
+
+
+def suggest_key(name: str) -> str:
+    close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _toml_value(name: str, value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(name, item) for item in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if name == "umask":
+        return oct(value)
+    return repr(value)
+
+
+def coerce(name: str, value: Any, origin: str) -> Any:
+    """Check one key's type and range; return the value in the field's Python type."""
+    if name not in KEYS:
+        raise ConfigError(f"{origin}: unknown key {name!r}{suggest_key(name)}")
+    meta = KEYS[name].metadata
+    kind: type = meta["kind"]
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{origin}: {name} must be an integer, not {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{origin}: {name} must be a number of seconds, not {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{origin}: {name} must be finite, not {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{origin}: {name} must be a string, not {value!r}")
+    elif kind is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{origin}: {name} must be a list of strings, not {value!r}")
+        value = tuple(value)
+    check = meta["check"]
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{origin}: {name}: {problem}")
+    return value
+
+
+def parse_env_value(name: str, text: str) -> Any:
+    """Turn an ``ECHOD_*`` string into the TOML-like value ``coerce`` expects."""
+    kind = KEYS[name].metadata["kind"]
+    try:
+        if kind is int:
+            return int(text, 0)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        return text  # coerce() reports it with the key's name
+    if kind is list:
+        return [item for item in (part.strip() for part in text.split(",")) if item]
+    return text
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for name, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: unexpected table [{name}]{suggest_key(name)}; "
+                              "all keys are top level")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name not in KEYS:
+            raise ConfigError(f"environment: unknown variable {var}{suggest_key(name)}")
+        overrides[name] = parse_env_value(name, text)
+    return overrides
+
+
+def load_config(
+    config_path: str | None = None,
+    cli_overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective config; raise ConfigError naming the key and where it came from."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path:
+        layers.append((path, read_config_file(path)))
+    layers.append(("environment", env_overrides(environ)))
+    layers.append(("command line", cli_overrides or {}))
+    for origin, layer in layers:
+        for name, value in layer.items():
+            if value is not None:
+                values[name] = coerce(name, value, origin)
+    config = replace(Config(), **values)
+    if config.max_connections_per_child_jitter and not config.max_connections_per_child:
+        raise ConfigError("max_connections_per_child_jitter needs max_connections_per_child")
+    return config

@@ -1,0 +1,246 @@
+"""Listening sockets: opened once by the master, before any fork, and shared by
+every worker. A reload diffs them (unchanged addresses keep their socket); an
+in-place upgrade hands them to the new program image by file descriptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from echod.addresses import Address, Transport, format_host_port
+from echod.errors import BindError, ConfigError
+
+# The environment variable an upgrading master uses to pass its sockets on:
+# "FD=ADDRESS;FD=ADDRESS", the address as configured (so a reload can diff it).
+INHERIT_ENV = "ECHOD_LISTENER_FDS"
+
+
+@dataclass(eq=False)
+class Listener:
+    address: Address  # as configured; the identity used when diffing on reload
+    sock: socket.socket
+    unix_inode: tuple[int, int] | None = field(default=None)
+
+    @property
+    def is_datagram(self) -> bool:
+        return self.sock.type == socket.SOCK_DGRAM
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def bound(self) -> str:
+        """The address actually bound (the chosen port when configured with port 0)."""
+        return describe_socket(self.sock)
+
+    def close(self, unlink: bool = True) -> None:
+        """Close our copy; remove a unix socket file only if it is still ours."""
+        if unlink and self.unix_inode is not None:
+            path = self.address.path
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == self.unix_inode:
+                    os.unlink(path)
+        self.sock.close()
+
+
+def describe_socket(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    prefix = "udp://" if sock.type == socket.SOCK_DGRAM else ""
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return prefix + format_host_port(name[0], name[1])
+
+
+def open_listener(address: Address, backlog: int) -> Listener:
+    """Bind one configured address; raise BindError saying what and where."""
+    try:
+        match address.transport:
+            case Transport.UNIX:
+                return _open_unix(address, backlog)
+            case Transport.FD:
+                return Listener(address, _adopt_fd(address))
+            case _:
+                return Listener(address, _open_inet(address, backlog))
+    except BindError:
+        raise
+    except OSError as exc:
+        raise BindError(f"cannot listen on {address}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this host"
+    return exc.strerror or str(exc)
+
+
+def _open_inet(address: Address, backlog: int) -> socket.socket:
+    kind = socket.SOCK_DGRAM if address.transport is Transport.UDP else socket.SOCK_STREAM
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=kind,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot listen on {address}: cannot resolve "
+                        f"{address.host!r}: {exc.strerror}") from None
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        if family == socket.AF_INET6:
+            # [::] means IPv6 only; bind 0.0.0.0 too if you want both, as nginx does
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _open_unix(address: Address, backlog: int) -> Listener:
+    path = address.path
+    _remove_stale_unix_socket(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        info = os.stat(path)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(address, sock, unix_inode=(info.st_dev, info.st_ino))
+
+
+def _remove_stale_unix_socket(address: Address) -> None:
+    """Remove a socket file nobody listens on; never touch a live one or a non-socket."""
+    path = address.path
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise BindError(f"cannot listen on {address}: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: left by a process that died
+        return
+    except OSError:
+        return  # let bind() report the real problem
+    finally:
+        probe.close()
+    raise BindError(f"cannot listen on {address}: another process is listening there")
+
+
+def _adopt_fd(address: Address) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=address.fd)
+    except OSError as exc:
+        raise BindError(f"cannot use {address}: {exc.strerror}") from None
+    if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise BindError(f"cannot use {address}: the socket is not listening")
+    sock.setblocking(False)
+    return sock
+
+
+def open_listeners(addresses: Iterable[Address], backlog: int,
+                   inherited: Mapping[Address, socket.socket] | None = None) -> list[Listener]:
+    """Open every address (or take an inherited socket for it); all or nothing."""
+    opened: list[Listener] = []
+    try:
+        for address in addresses:
+            if inherited and address in inherited:
+                sock = inherited[address]
+                sock.setblocking(False)
+                opened.append(Listener(address, sock, _unix_inode(address)))
+            else:
+                opened.append(open_listener(address, backlog))
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return opened
+
+
+def _unix_inode(address: Address) -> tuple[int, int] | None:
+    if address.transport is not Transport.UNIX:
+        return None
+    try:
+        info = os.stat(address.path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+@dataclass
+class ListenerChange:
+    kept: list[Listener]
+    opened: list[Listener]
+    removed: list[Listener]
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self.kept + self.opened
+
+
+def reconcile(current: list[Listener], wanted: Iterable[Address], backlog: int) -> ListenerChange:
+    """Diff listeners for a reload: keep unchanged sockets (never close-and-rebind)."""
+    by_address = {listener.address: listener for listener in current}
+    wanted = list(dict.fromkeys(wanted))
+    kept = [by_address[a] for a in wanted if a in by_address]
+    opened = open_listeners([a for a in wanted if a not in by_address], backlog)
+    for listener in kept:
+        if not listener.is_datagram and listener.sock.family != socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                listener.sock.listen(backlog)  # a changed backlog applies in place
+    wanted_set = set(wanted)
+    removed = [listener for listener in current if listener.address not in wanted_set]
+    return ListenerChange(kept, opened, removed)
+
+
+def export_for_exec(listeners: list[Listener]) -> str:
+    """Make sockets survive exec(); return the value of INHERIT_ENV describing them."""
+    parts = []
+    for listener in listeners:
+        os.set_inheritable(listener.fileno(), True)
+        parts.append(f"{listener.fileno()}={listener.address}")
+    return ";".join(parts)
+
+
+def import_from_exec(value: str) -> dict[Address, socket.socket]:
+    """Re-wrap the sockets an upgrading master passed to this program image."""
+    from echod.addresses import parse_address
+
+    inherited: dict[Address, socket.socket] = {}
+    for part in filter(None, value.split(";")):
+        fd_text, _, address_text = part.partition("=")
+        try:
+            address = parse_address(address_text)
+            sock = socket.socket(fileno=int(fd_text))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{INHERIT_ENV}: bad entry {part!r}: {exc}") from None
+        os.set_inheritable(sock.fileno(), False)
+        inherited[address] = sock
+    return inherited

@@ -1,0 +1,244 @@
+"""The scoreboard: a file-backed shared memory map with one fixed slot per worker.
+
+Modelled on Apache's prefork scoreboard. The master creates it before forking;
+every worker writes only its own slot (heartbeat, state, counters) and the
+master, ``echoctl status`` and the metrics endpoint read it. Being a file in
+the runtime dir, it survives the master's in-place re-exec (the new image maps
+the same file its old workers still write to) and outside tools can read it
+without asking the master anything.
+
+Values are written with ``struct.pack_into``; a reader may see a counter one
+update old, which is fine for supervision and statistics.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"ECHODSB2"
+MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
+NUM_COUNTERS = 32
+
+
+class State(IntEnum):
+    FREE = 0
+    BOOTING = 1
+    READY = 2
+    DRAINING = 3
+    RETIRING = 4  # asks the master for a replacement (recycling), still serving
+
+
+class Counter(IntEnum):
+    """Indices into a slot's counters. Append only: the layout is shared with readers."""
+
+    ACCEPTED = 0
+    BYTES_IN = 1
+    BYTES_OUT = 2
+    ERRORS = 3
+    CLOSED_IDLE = 4
+    ACCEPT_PAUSED_EMFILE = 5
+    REJECTED_MAX_CONNECTIONS = 6
+    UDP_RECEIVED = 7
+    UDP_SENT = 8
+    UDP_DROPPED_PORT = 9
+    UDP_DROPPED_ADDRESS = 10
+    UDP_DROPPED_RATE = 11
+    UDP_BYTES_IN = 12
+    UDP_BYTES_OUT = 13
+    REJECTED_DENIED = 14
+    REJECTED_PER_IP = 15
+    REJECTED_TOTAL = 16
+    CLOSED_LIFETIME = 17
+    CLOSED_RESET = 18
+    CLOSED_EOF = 19
+    CLOSED_SHUTDOWN = 20
+
+
+# magic, master pid, generation, nslots, code started (wall), master started (wall),
+# version, retired-worker totals (folded in by the master when a worker is reaped)
+_HEADER = struct.Struct(f"<8siIIdd32s{NUM_COUNTERS}Q")
+HEADER_SIZE = 512
+# pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
+_SLOT_HEAD = struct.Struct("<iIBxHddI4x")
+_COUNTERS = struct.Struct(f"<{NUM_COUNTERS}Q")
+SLOT_SIZE = 320
+FILE_SIZE = HEADER_SIZE + MAX_SLOTS * SLOT_SIZE
+_HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
+_STATE_OFFSET = 8
+_ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
+
+assert _HEADER.size <= HEADER_SIZE and _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
+
+
+@dataclass
+class SlotView:
+    index: int
+    pid: int
+    generation: int
+    state: State
+    worker_id: int
+    started: float
+    heartbeat: float
+    active: int
+    counters: tuple[int, ...]
+
+    def counter(self, which: Counter) -> int:
+        return self.counters[which]
+
+
+@dataclass
+class MasterView:
+    pid: int
+    generation: int
+    code_started: float
+    master_started: float
+    version: str
+    retired: tuple[int, ...]
+
+
+class Scoreboard:
+    def __init__(self, path: str, buffer: mmap.mmap) -> None:
+        self.path = path
+        self.buffer = buffer
+
+    # -- creation and attachment ------------------------------------------------
+    @classmethod
+    def create(cls, path: str) -> Scoreboard:
+        """A fresh, zeroed scoreboard (replacing any stale one atomically)."""
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, FILE_SIZE)
+            buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.rename(tmp, path)
+        finally:
+            os.close(fd)
+        board = cls(path, buffer)
+        board._write_header(master_pid=os.getpid(), generation=0, code_started=0.0,
+                            master_started=time.time(), version="",
+                            retired=(0,) * NUM_COUNTERS)
+        return board
+
+    @classmethod
+    def attach(cls, path: str, writable: bool = True) -> Scoreboard:
+        """Map an existing scoreboard (after an in-place upgrade, or to read it)."""
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < FILE_SIZE:
+                raise ValueError(f"{path}: not an echod scoreboard (too small)")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        if buffer[:8] != MAGIC:
+            buffer.close()
+            raise ValueError(f"{path}: not an echod scoreboard")
+        return cls(path, buffer)
+
+    def close(self) -> None:
+        self.buffer.close()
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # -- master-wide header -----------------------------------------------------
+    def _write_header(self, *, master_pid: int, generation: int, code_started: float,
+                      master_started: float, version: str, retired: tuple[int, ...]) -> None:
+        _HEADER.pack_into(self.buffer, 0, MAGIC, master_pid, generation, MAX_SLOTS,
+                          code_started, master_started, version.encode()[:32], *retired)
+
+    def master(self) -> MasterView:
+        fields = _HEADER.unpack_from(self.buffer, 0)
+        return MasterView(pid=fields[1], generation=fields[2], code_started=fields[4],
+                          master_started=fields[5],
+                          version=fields[6].rstrip(b"\0").decode(errors="replace"),
+                          retired=tuple(fields[7:]))
+
+    def set_master(self, *, pid: int, generation: int, code_started: float, version: str) -> None:
+        view = self.master()
+        self._write_header(master_pid=pid, generation=generation, code_started=code_started,
+                           master_started=view.master_started, version=version,
+                           retired=view.retired)
+
+    def fold_into_retired(self, index: int) -> None:
+        """Keep a reaped worker's totals so that counters survive restarts."""
+        view = self.master()
+        slot = self.slot(index)
+        retired = tuple(a + b for a, b in zip(view.retired, slot.counters, strict=True))
+        self._write_header(master_pid=view.pid, generation=view.generation,
+                           code_started=view.code_started, master_started=view.master_started,
+                           version=view.version, retired=retired)
+
+    # -- slots --------------------------------------------------------------------
+    @staticmethod
+    def _offset(index: int) -> int:
+        return HEADER_SIZE + index * SLOT_SIZE
+
+    def slot(self, index: int) -> SlotView:
+        offset = self._offset(index)
+        pid, generation, state, worker_id, started, heartbeat, active = \
+            _SLOT_HEAD.unpack_from(self.buffer, offset)
+        counters = _COUNTERS.unpack_from(self.buffer, offset + _SLOT_HEAD.size)
+        return SlotView(index, pid, generation, State(state), worker_id, started, heartbeat,
+                        active, counters)
+
+    def slots(self) -> list[SlotView]:
+        """Every slot in use."""
+        views = []
+        for index in range(MAX_SLOTS):
+            if struct.unpack_from("<i", self.buffer, self._offset(index))[0]:
+                views.append(self.slot(index))
+        return views
+
+    def free_slot(self, taken: set[int]) -> int:
+        for index in range(MAX_SLOTS):
+            if index not in taken:
+                return index
+        raise RuntimeError("scoreboard full")
+
+    def claim(self, index: int, *, pid: int, generation: int, worker_id: int) -> None:
+        offset = self._offset(index)
+        _SLOT_HEAD.pack_into(self.buffer, offset, pid, generation, State.BOOTING, worker_id,
+                             time.time(), time.monotonic(), 0)
+        _COUNTERS.pack_into(self.buffer, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
+
+    def set_pid(self, index: int, pid: int) -> None:
+        struct.pack_into("<i", self.buffer, self._offset(index), pid)
+
+    def release(self, index: int) -> None:
+        self.buffer[self._offset(index):self._offset(index) + SLOT_SIZE] = bytes(SLOT_SIZE)
+
+
+class WorkerSlot:
+    """A worker's handle on its own slot: cheap writes, no reads of other slots."""
+
+    def __init__(self, board: Scoreboard, index: int) -> None:
+        self.buffer = board.buffer
+        self.offset = Scoreboard._offset(index)
+        self.counters_offset = self.offset + _SLOT_HEAD.size
+
+    def heartbeat(self, now: float) -> None:
+        struct.pack_into("<d", self.buffer, self.offset + _HEARTBEAT_OFFSET, now)
+
+    def set_state(self, state: State) -> None:
+        struct.pack_into("<B", self.buffer, self.offset + _STATE_OFFSET, state)
+
+    def publish(self, now: float, active: int, counters: list[int]) -> None:
+        """Heartbeat, active connections and every counter in one go."""
+        struct.pack_into("<dI", self.buffer, self.offset + _HEARTBEAT_OFFSET, now, active)
+        _COUNTERS.pack_into(self.buffer, self.counters_offset, *counters)
+
+
+def scoreboard_path(pidfile: str) -> str:
+    """One scoreboard per pidfile, beside it, so tools find it from the pidfile alone."""
+    base = pidfile[:-4] if pidfile.endswith(".pid") else pidfile
+    return base + ".scoreboard"
