@@ -25,6 +25,7 @@ from echod.errors import ConfigError, EchodError, UsageError
 CODE_STARTED = time.time()
 
 log = logging.getLogger("echod")
+USAGE = "echod [-F] [-c PATH] [-b ADDR]... [-w N] [options]  (echod --help for all)"
 
 # flag destination -> config key; None means "not given", so lower layers apply
 CLI_KEYS = ("bind", "workers", "runtime_dir", "pidfile", "user", "group", "log_level",
@@ -42,6 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="echod",
+        usage=USAGE,
         description="A pre-fork TCP/UDP echo server (RFC 862).",
         epilog="Signals to the master: TERM graceful stop, INT/QUIT fast stop, HUP reload, "
                "TTIN/TTOU one worker more/less, USR1 reopen logs, USR2 in-place upgrade.",
@@ -137,6 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(exc: EchodError) -> None:
     message = str(exc)
     if isinstance(exc, UsageError):
-        sys.stderr.write("usage: echod [-h] [-c PATH] [-b ADDR] [-w N] [-F] ... (echod --help)\n")
+        sys.stderr.write(f"usage: {USAGE}\n")
     sys.stderr.write(f"echod: {message}\n")
     sys.stderr.flush()

@@ -1,0 +1,107 @@
+"""Config and address parsing: pure logic, no processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from echod.addresses import Address, Transport, parse_address
+from echod.config import Config, load_config
+from echod.errors import ConfigError
+
+
+def test_defaults_match_the_spec() -> None:
+    config = load_config(environ={})
+    assert config.bind == ("127.0.0.1:7007",)
+    assert (config.backlog, config.max_connections, config.max_buffer) == (1024, 10000, 262144)
+    assert (config.idle_timeout, config.graceful_timeout, config.worker_timeout) == (300, 30, 30)
+    assert config.workers >= 1
+
+
+def test_file_env_cli_layers(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('bind = ["127.0.0.1:1"]\nworkers = 2\nbacklog = 10\n')
+    config = load_config(str(path), {"workers": 8}, {"ECHOD_BACKLOG": "20"})
+    assert (config.bind, config.workers, config.backlog) == (("127.0.0.1:1",), 8, 20)
+
+
+def test_env_config_path_is_used_when_no_flag(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("workers = 6\n")
+    assert load_config(None, {}, {"ECHOD_CONFIG": str(path)}).workers == 6
+
+
+def test_env_bind_is_a_comma_list() -> None:
+    config = load_config(None, {}, {"ECHOD_BIND": "127.0.0.1:1, unix:/tmp/x.sock"})
+    assert config.bind == ("127.0.0.1:1", "unix:/tmp/x.sock")
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"workers": True}, "integer"),
+    ({"max_buffer": 10}, "between"),
+    ({"graceful_timeout": "soon"}, "number of seconds"),
+    ({"bind": []}, "at least one"),
+    ({"idle_timout": 3}, "did you mean 'idle_timeout'"),
+    ({"max_connections_per_child_jitter": 5}, "needs max_connections_per_child"),
+])
+def test_invalid_values_name_the_key(values: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, values, {})
+
+
+def test_to_toml_round_trips() -> None:
+    import tomllib
+
+    config = load_config(None, {"workers": 3, "bind": ["[::1]:9", "udp://127.0.0.1:7"]}, {})
+    parsed = tomllib.loads(config.to_toml())
+    assert load_config(None, parsed, {}) == config
+
+
+def test_pidfile_defaults_into_runtime_dir() -> None:
+    config = Config(runtime_dir="/run/x")
+    assert config.pidfile_path == "/run/x/echod.pid"
+    assert Config(runtime_dir="/run/x", pidfile="/tmp/p.pid").pidfile_path == "/tmp/p.pid"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:7007", Address(Transport.TCP, host="127.0.0.1", port=7007)),
+    ("localhost:0", Address(Transport.TCP, host="localhost", port=0)),
+    ("[::1]:7", Address(Transport.TCP, host="::1", port=7)),
+    ("tcp://127.0.0.1:1", Address(Transport.TCP, host="127.0.0.1", port=1)),
+    ("udp://127.0.0.1:7", Address(Transport.UDP, host="127.0.0.1", port=7)),
+    ("udp://[::1]:7", Address(Transport.UDP, host="::1", port=7)),
+    ("unix:/run/echod.sock", Address(Transport.UNIX, path="/run/echod.sock")),
+    ("fd://3", Address(Transport.FD, fd=3)),
+])
+def test_parse_address(text: str, expected: Address) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "7007", "127.0.0.1", "127.0.0.1:", "127.0.0.1:x",
+                                  "127.0.0.1:65536", "::1:7", "[::1]7", "[nothex]:7",
+                                  "unix:", "fd://x", ":7007", "unix:" + "a" * 200])
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text)
+
+
+@given(st.ip_addresses(), st.integers(min_value=0, max_value=65535), st.booleans())
+def test_address_str_round_trips(ip, port: int, udp: bool) -> None:
+    host = str(ip)
+    text = (f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}")
+    if udp:
+        text = "udp://" + text
+    address = parse_address(text)
+    assert str(address) == text
+    assert parse_address(str(address)) == address
+
+
+@given(st.text(max_size=40))
+def test_parse_address_never_crashes(text: str) -> None:
+    try:
+        parse_address(text)
+    except ValueError:
+        pass
