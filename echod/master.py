@@ -21,7 +21,7 @@ from echod import exitcodes, logs, procname
 from echod.config import Config
 from echod.errors import EchodError
 from echod.listeners import Listener, reconcile
-from echod.scoreboard import Scoreboard, State, WorkerSlot
+from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
 from echod.signals import SignalQueue, blocked
 from echod.worker import WorkerIdentity, start_worker
 
@@ -222,8 +222,11 @@ class Master:
             log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
+            self.scoreboard.count_event(MasterCounter.RESTARTS_BOOT_FAILED)
             self._on_boot_failure(worker)
             return
+        self.scoreboard.count_event(MasterCounter.RESTARTS_TIMEOUT if worker.abort_sent_at
+                                    else MasterCounter.RESTARTS_CRASHED)
         reason = "after worker_timeout" if worker.abort_sent_at else "unexpectedly"
         log.error("worker %d (pid %d) %s %s after %.1fs; replacing it", worker.worker_id,
                   worker.pid, how, reason, lifetime)
@@ -305,6 +308,7 @@ class Master:
             change = reconcile(self.listeners, new_config.addresses, new_config.backlog)
         except EchodError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            self.scoreboard.count_event(MasterCounter.RELOADS_FAILED)
             self.hooks.on_ready(self)
             return
         for listener in change.opened:
@@ -336,6 +340,7 @@ class Master:
         self.reload_pending = False
         log.info("reload complete: generation %d serving with %d worker(s)",
                  self.generation, len(current))
+        self.scoreboard.count_event(MasterCounter.RELOADS_OK)
         self.hooks.on_ready(self)
 
     def scale(self, count: int) -> None:
@@ -364,6 +369,7 @@ class Master:
                    and self.scoreboard.slot(w.slot).state == State.READY]
         if len(serving) >= self.desired:
             for worker in waiting:
+                self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
                 self._retire(worker)
 
     def upgrade(self) -> None:

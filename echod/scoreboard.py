@@ -59,9 +59,25 @@ class Counter(IntEnum):
     CLOSED_SHUTDOWN = 20
 
 
+class MasterCounter(IntEnum):
+    """Events only the master sees. Append only: the layout is shared with readers."""
+
+    RESTARTS_CRASHED = 0  # a worker died unexpectedly
+    RESTARTS_TIMEOUT = 1  # killed after worker_timeout
+    RESTARTS_RECYCLED = 2  # max_connections_per_child / max_worker_memory
+    RESTARTS_BOOT_FAILED = 3
+    RELOADS_OK = 4
+    RELOADS_FAILED = 5
+    UPGRADES_OK = 6
+    UPGRADES_FAILED = 7
+
+
+NUM_MASTER_COUNTERS = 16
 # magic, master pid, generation, nslots, code started (wall), master started (wall),
 # version, retired-worker totals (folded in by the master when a worker is reaped)
 _HEADER = struct.Struct(f"<8siIIdd32s{NUM_COUNTERS}Q")
+_MASTER_COUNTERS = struct.Struct(f"<{NUM_MASTER_COUNTERS}Q")
+_MASTER_COUNTERS_OFFSET = 384
 HEADER_SIZE = 512
 # pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
 _SLOT_HEAD = struct.Struct("<iIBxHddI4x")
@@ -72,7 +88,9 @@ _HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
 _STATE_OFFSET = 8
 _ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
 
-assert _HEADER.size <= HEADER_SIZE and _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
+assert _HEADER.size <= _MASTER_COUNTERS_OFFSET
+assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
+assert _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
 
 
 @dataclass
@@ -99,6 +117,10 @@ class MasterView:
     master_started: float
     version: str
     retired: tuple[int, ...]
+    events: tuple[int, ...] = ()
+
+    def event(self, which: MasterCounter) -> int:
+        return self.events[which]
 
 
 class Scoreboard:
@@ -161,7 +183,14 @@ class Scoreboard:
         return MasterView(pid=fields[1], generation=fields[2], code_started=fields[4],
                           master_started=fields[5],
                           version=fields[6].rstrip(b"\0").decode(errors="replace"),
-                          retired=tuple(fields[7:]))
+                          retired=tuple(fields[7:]),
+                          events=_MASTER_COUNTERS.unpack_from(self.buffer,
+                                                              _MASTER_COUNTERS_OFFSET))
+
+    def count_event(self, which: MasterCounter, amount: int = 1) -> None:
+        offset = _MASTER_COUNTERS_OFFSET + 8 * which
+        (value,) = struct.unpack_from("<Q", self.buffer, offset)
+        struct.pack_into("<Q", self.buffer, offset, value + amount)
 
     def set_master(self, *, pid: int, generation: int, code_started: float, version: str) -> None:
         view = self.master()
