@@ -13,12 +13,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from echod.addresses import Address, Transport, format_host_port
-from echod.errors import BindError, ConfigError
-
-# The environment variable an upgrading master uses to pass its sockets on:
-# "FD=ADDRESS;FD=ADDRESS", the address as configured (so a reload can diff it).
-INHERIT_ENV = "ECHOD_LISTENER_FDS"
+from echod.addresses import Address, Transport, format_host_port, parse_address
+from echod.errors import BindError
 
 
 @dataclass(eq=False)
@@ -220,27 +216,16 @@ def reconcile(current: list[Listener], wanted: Iterable[Address], backlog: int) 
     return ListenerChange(kept, opened, removed)
 
 
-def export_for_exec(listeners: list[Listener]) -> str:
-    """Make sockets survive exec(); return the value of INHERIT_ENV describing them."""
-    parts = []
-    for listener in listeners:
-        os.set_inheritable(listener.fileno(), True)
-        parts.append(f"{listener.fileno()}={listener.address}")
-    return ";".join(parts)
-
-
-def import_from_exec(value: str) -> dict[Address, socket.socket]:
-    """Re-wrap the sockets an upgrading master passed to this program image."""
-    from echod.addresses import parse_address
-
-    inherited: dict[Address, socket.socket] = {}
-    for part in filter(None, value.split(";")):
-        fd_text, _, address_text = part.partition("=")
+def adopt_sockets(fds_by_address: Mapping[str, int]) -> dict[Address, socket.socket]:
+    """Re-wrap sockets handed over by file descriptor (an in-place upgrade)."""
+    adopted: dict[Address, socket.socket] = {}
+    for address_text, fd in fds_by_address.items():
         try:
             address = parse_address(address_text)
-            sock = socket.socket(fileno=int(fd_text))
+            sock = socket.socket(fileno=fd)
         except (ValueError, OSError) as exc:
-            raise ConfigError(f"{INHERIT_ENV}: bad entry {part!r}: {exc}") from None
-        os.set_inheritable(sock.fileno(), False)
-        inherited[address] = sock
-    return inherited
+            raise BindError(f"cannot take over listener {address_text} (fd {fd}): {exc}") \
+                from None
+        os.set_inheritable(fd, False)
+        adopted[address] = sock
+    return adopted

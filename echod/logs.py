@@ -135,6 +135,11 @@ def setup_logging(level: str = "info", log_file: str = "", log_format: str = "te
     log.propagate = False
 
 
+def flush() -> None:
+    for handler in log.handlers:
+        handler.flush()
+
+
 def reopen_log_files() -> None:
     for handler in log.handlers:
         if isinstance(handler, ReopenableFileHandler):

@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
+
 from echod import exitcodes, logs, procname
 from echod.config import Config
 from echod.errors import EchodError
 from echod.listeners import Listener, reconcile
+from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
 from echod.signals import SignalQueue, blocked
+from echod.upgrade import PREFLIGHT_TIMEOUT, AdoptedWorker, Handoff, Preflight, exec_new_image
 from echod.worker import WorkerIdentity, start_worker
 
 log = logging.getLogger("echod.master")
@@ -35,6 +39,7 @@ YOUNG_DEATH = 5.0  # a worker dying younger than this was probably failing at bo
 MAX_BACKOFF = 10.0
 IDLE_TICK = 1.0
 BUSY_TICK = 0.1
+MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between USS samples for max_worker_memory
 
 
 @dataclass
@@ -69,10 +74,12 @@ class Master:
     listeners: list[Listener]
     scoreboard: Scoreboard
     load_config: Callable[[], Config]
+    pidfile: PidFile
     hooks: Hooks = field(default_factory=Hooks)
     close_in_worker: Callable[[], None] = lambda: None
     version: str = ""
     code_started: float = 0.0
+    handoff: Handoff | None = None  # set when this image was started by an upgrade
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -86,8 +93,36 @@ class Master:
         self.reload_pending = False
         self.boot_failures: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
-        self.alive_read, self.alive_write = os.pipe2(os.O_CLOEXEC)
+        self.preflight: Preflight | None = None
+        self.next_memory_sample = 0.0
+        if self.handoff is None:
+            self.alive_read, self.alive_write = os.pipe2(os.O_CLOEXEC)
+        else:
+            self._adopt(self.handoff)
         self.signals = SignalQueue(MASTER_SIGNALS)
+        # an upgrade exec'd us with these blocked; our handlers are in place now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+
+    def _adopt(self, handoff: Handoff) -> None:
+        """After an in-place upgrade: take over the previous image's workers."""
+        self.alive_read, self.alive_write = handoff.alive_read, handoff.alive_write
+        os.set_inheritable(self.alive_read, False)
+        os.set_inheritable(self.alive_write, False)
+        now = time.monotonic()
+        for adopted in handoff.workers:
+            worker = WorkerProcess(adopted.pid, adopted.worker_id, adopted.generation, now)
+            if adopted.retiring:  # was draining already: give it a fresh deadline
+                worker.retiring = True
+                worker.retire_deadline = now + self.config.graceful_timeout + 1.0
+            self.workers[adopted.pid] = worker
+        self.generation = handoff.generation + 1
+        self.desired = handoff.desired
+        self.reload_pending = True  # old workers retire once the new generation serves
+        self.ready_announced = True
+        self.scoreboard.count_event(MasterCounter.UPGRADES_OK)
+        log.info("upgraded in place to echod %s: adopted %d worker(s) of generation %d; "
+                 "starting generation %d", self.version, len(handoff.workers),
+                 handoff.generation, self.generation)
 
     # -- the story ---------------------------------------------------------------
     def run(self) -> int:
@@ -113,7 +148,8 @@ class Master:
         return self.signals.drain() if readable else []
 
     def _next_tick(self) -> float:
-        busy = self.stopping or self.reload_pending or not self.ready_announced or any(
+        busy = self.stopping or self.reload_pending or not self.ready_announced or \
+            self.preflight is not None or any(
             w.retiring or w.abort_sent_at or w.replacement_requested
             for w in self.workers.values()) or len(self._current()) < self.desired
         return BUSY_TICK if busy else IDLE_TICK
@@ -142,7 +178,10 @@ class Master:
     def _supervise(self, now: float) -> None:
         self._kill_hung_workers(now)
         self._enforce_retire_deadlines(now)
+        if self.preflight is not None:
+            self._watch_preflight(now)
         if not self.stopping:
+            self._sample_memory(now)
             self._recycle_retiring_workers()
             self._spawn_missing(now)
             self._finish_generation_switch()
@@ -206,9 +245,12 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.preflight is not None and pid == self.preflight.pid:
+                self._on_preflight_exit(status)
+                continue
             worker = self.workers.pop(pid, None)
             if worker is None:
-                continue  # a pre-flight or other helper child
+                continue  # some other helper child
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
@@ -338,7 +380,7 @@ class Master:
             if worker.generation < self.generation:
                 self._retire(worker)
         self.reload_pending = False
-        log.info("reload complete: generation %d serving with %d worker(s)",
+        log.info("generation %d serving with %d worker(s); retiring the previous one",
                  self.generation, len(current))
         self.scoreboard.count_event(MasterCounter.RELOADS_OK)
         self.hooks.on_ready(self)
@@ -372,8 +414,73 @@ class Master:
                 self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
                 self._retire(worker)
 
+    def _sample_memory(self, now: float) -> None:
+        """Recycle workers whose unique memory (USS) exceeds max_worker_memory."""
+        limit = self.config.max_worker_memory
+        if not limit or now < self.next_memory_sample:
+            return
+        self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL
+        for worker in self._current():
+            if worker.replacement_requested:
+                continue
+            try:
+                uss = psutil.Process(worker.pid).memory_full_info().uss
+            except psutil.Error:
+                continue
+            if uss > limit:
+                log.info("recycling worker %d (pid %d): memory %d bytes > max_worker_memory "
+                         "%d", worker.worker_id, worker.pid, uss, limit)
+                worker.replacement_requested = True
+
+    # -- in-place upgrade --------------------------------------------------------------
     def upgrade(self) -> None:
-        log.warning("in-place upgrade (USR2) is not available in this build")
+        if self.stopping or self.preflight is not None:
+            log.warning("upgrade ignored: %s", "stopping" if self.stopping
+                        else "an upgrade is already under way")
+            return
+        log.info("upgrade requested: checking that the installed code and config load")
+        try:
+            self.preflight = Preflight.start(time.monotonic())
+        except OSError as exc:
+            log.error("upgrade aborted: cannot run the pre-flight check: %s", exc.strerror)
+            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+
+    def _watch_preflight(self, now: float) -> None:
+        assert self.preflight is not None
+        self.preflight.collect_output()
+        if now - self.preflight.started > PREFLIGHT_TIMEOUT:
+            log.error("upgrade pre-flight hangs after %.0fs: killing it", PREFLIGHT_TIMEOUT)
+            _kill(self.preflight.pid, signal.SIGKILL)
+
+    def _on_preflight_exit(self, status: int) -> None:
+        preflight, self.preflight = self.preflight, None
+        assert preflight is not None
+        preflight.finish(status)
+        if not preflight.succeeded or self.stopping:
+            log.error("upgrade aborted, everything keeps running as it was: the pre-flight "
+                      "check %s: %s", _describe_exit(status), preflight.summary)
+            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+            return
+        handoff = Handoff(
+            listener_fds={str(listener.address): listener.fileno()
+                          for listener in self.listeners},
+            pidfile_fd=self.pidfile.fd,
+            alive_read=self.alive_read,
+            alive_write=self.alive_write,
+            generation=self.generation,
+            desired=self.desired,
+            workers=[AdoptedWorker(w.pid, w.worker_id, w.generation, w.retiring)
+                     for w in self.workers.values()],
+        )
+        log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", self.pid)
+        logs.flush()
+        keep = [*handoff.listener_fds.values(), handoff.pidfile_fd, self.alive_read,
+                self.alive_write]
+        try:
+            exec_new_image(handoff, keep, MASTER_SIGNALS)
+        except OSError as exc:
+            log.error("upgrade aborted: exec failed: %s", exc.strerror)
+            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
 
     # -- stopping ------------------------------------------------------------------
     def stop(self, graceful: bool) -> None:

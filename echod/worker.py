@@ -180,8 +180,6 @@ class Worker:
         counters[Counter.BYTES_IN] = self.bytes_in
         counters[Counter.BYTES_OUT] = self.bytes_out
         self.slot.publish(now, len(self.connections), counters)
-        if self.recycle_after and self.accepted >= self.recycle_after and not self.draining:
-            self._request_recycling()
         next_tick = now + self.heartbeat_interval
         if self.idle_queue:
             next_tick = min(next_tick, self.idle_queue[0][0])
@@ -206,9 +204,14 @@ class Worker:
             return
         log.info("draining (%s): %d connection(s) open", why, len(self.connections))
         self.draining = True
-        self.drain_deadline = time.monotonic() + self.config.graceful_timeout
+        now = time.monotonic()
+        self.drain_deadline = now + self.config.graceful_timeout
         self._pause_accepting()
         for listener in self.listeners.values():
+            # EPOLLEXCLUSIVE may have woken only us for connections already queued:
+            # take them before letting go, or they would wait for the next arrival.
+            if not listener.is_datagram:
+                self._accept_all_queued(listener, now)
             listener.close(unlink=False)  # our copy only: the master owns the socket
         self.listeners.clear()
         self.slot.set_state(State.DRAINING)
@@ -217,7 +220,6 @@ class Worker:
     def _request_recycling(self) -> None:
         """Ask the master for a replacement; it sends TERM once that one serves."""
         log.info("recycling after %d connections", self.accepted)
-        self.recycle_after = 0
         self.slot.set_state(State.RETIRING)
 
     # -- accepting -----------------------------------------------------------------
@@ -266,6 +268,15 @@ class Worker:
             if self.config.idle_timeout:
                 self.idle_queue.append((now + self.config.idle_timeout, conn))
             self.accepted += 1
+            if self.accepted == self.recycle_after:
+                self._request_recycling()
+
+    def _accept_all_queued(self, listener: Listener, now: float) -> None:
+        for _ in range(1000):  # bounded: the backlog is finite, but stay safe
+            before = self.accepted
+            self._accept(listener, now)
+            if self.accepted - before < ACCEPT_BATCH:
+                return
 
     def _out_of_descriptors(self, exc: OSError, now: float) -> None:
         self._pause_accepting()

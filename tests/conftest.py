@@ -81,7 +81,9 @@ class EchodProcess:
 
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=limit_descriptors)
+                                     start_new_session=True, preexec_fn=limit_descriptors,
+                                     cwd=runtime_dir.parent)  # not the repo: its egg-info
+                                     # would shadow the installed distribution's metadata
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
