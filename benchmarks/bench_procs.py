@@ -117,13 +117,18 @@ def stop_process(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: flo
         proc.wait(timeout=5)
 
 
+def _default_sigint() -> None:
+    # a background job inherits SIGINT ignored; the child must still clean up on it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_supervised(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float,
                    stdout_path: Path) -> int:
     """Run cmd in its own session; on timeout, error or Ctrl-C stop it and its children.
     SIGINT first: compare.py then stops its current server itself."""
     with stdout_path.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -234,3 +239,30 @@ def settled_snapshot(root: int, limit_s: float = 3.0) -> dict[int, int]:
             return cur
         prev = cur
     return prev
+
+
+# ------------------------------------------------------------------ machine load
+def _busy_seconds() -> float:
+    """CPU time the whole machine spent not idle (steal included: it is lost to us too)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """Our CPU plus that of every descendant already reaped (servers, echoload, compare.py)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class ForeignLoad:
+    """Share of the machine's CPU capacity used by processes that are not ours during a
+    part of the run: other work on a small machine is the biggest source of noise."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.monotonic(), _busy_seconds(), _own_seconds()
+
+    def share(self) -> float:
+        wall = time.monotonic() - self.t0
+        foreign = (_busy_seconds() - self.busy0) - (_own_seconds() - self.own0)
+        return max(0.0, foreign / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0

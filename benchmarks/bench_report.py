@@ -157,6 +157,7 @@ class ConfigResult:
     ref: str | None = None
     echod: str | None = None
     peers: list[str] = field(default_factory=list)
+    foreign_load: float | None = None  # share of CPU capacity other processes used meanwhile
 
     def get(self, server: str | None, scenario: str) -> Stats | None:
         return self.stats.get(server or "", {}).get(scenario)
@@ -289,6 +290,7 @@ class MemoryResult:
 class StartupResult:
     command: str
     samples_s: tuple[float, ...]
+    foreign_load: float | None = None
 
     @property
     def median_s(self) -> float:
@@ -340,6 +342,16 @@ def _check_cell(cfg: ConfigResult, server: str, scenario: str) -> str:
         bits.append(f"ratio <= {limit:.2f}: {ratio_verdict(cfg, scenario).mark}")
     bits.append(f"< best peer: {peer_verdict(cfg, scenario).mark}")
     return "; ".join(bits)
+
+
+FOREIGN_LOAD_WARN = 0.05
+
+
+def _load_note(share: float | None) -> str:
+    if share is None:
+        return ""
+    note = f"; other processes used {share:.0%} of the CPUs meanwhile"
+    return note + " (**noisy: rerun on a quiet machine**)" if share > FOREIGN_LOAD_WARN else note
 
 
 def _role(cfg: ConfigResult, server: str) -> str:
@@ -402,7 +414,8 @@ def render_probes(mem: MemoryResult | None, start: StartupResult | None) -> list
         samples = ", ".join(f"{t:.3f}" for t in start.samples_s)
         out += [
             f"**Start-up**: `{start.command}`; spawn to first successful 1-byte echo, "
-            f"median **{start.median_s:.3f} s** of {len(start.samples_s)} runs ({samples} s).",
+            f"median **{start.median_s:.3f} s** of {len(start.samples_s)} runs ({samples} s)"
+            f"{_load_note(start.foreign_load)}.",
             "",
         ]
     if not mem and not start:
@@ -437,7 +450,8 @@ def render_report(
         out += ["## Configurations", ""]
         for c in configs:
             out.append(f"- **{c.key}**: {c.title}; reference `{c.ref}`, echod `{c.echod}`, "
-                       f"peers {', '.join(f'`{p}`' for p in c.peers) or 'none'}")
+                       f"peers {', '.join(f'`{p}`' for p in c.peers) or 'none'}"
+                       + _load_note(c.foreign_load))
         out += ["", "## Scenarios", ""]
     for sc in scenarios:
         out += render_scenario(sc, configs)

@@ -183,9 +183,12 @@ def run_compare(
     # compare.py's own worst case: 3 priming runs + every echoload run hitting its timeout
     timeout = len(servers) * a.repeat * (200 + nscen * (a.duration + a.warmup + 130))
     log(f"{spec.key}: compare.py with {', '.join(n for n, _ in servers)}")
+    load = procs.ForeignLoad()
     rc = procs.run_supervised(cmd, BUILD, child_env(), timeout, sub / "compare-stdout.md")
-    runs = rep.load_runs(sub / "runs.jsonl")
-    return rep.build_config(spec.key, spec.title, runs, [n for n, _ in servers]), rc
+    cfg = rep.build_config(spec.key, spec.title, rep.load_runs(sub / "runs.jsonl"),
+                           [n for n, _ in servers])
+    cfg.foreign_load = load.share()
+    return cfg, rc
 
 
 def measure_memory(template: str, conns: int, outdir: Path) -> rep.MemoryResult:
@@ -221,7 +224,7 @@ def count_alive(socks: list, deadline: float) -> int:
 
 
 def measure_startup(template: str, runs: int, outdir: Path) -> rep.StartupResult:
-    samples = []
+    samples, load = [], procs.ForeignLoad()
     for _ in range(runs):
         port = procs.free_port()
         cmd = fill(template, STARTUP_WORKERS, port)
@@ -229,7 +232,7 @@ def measure_startup(template: str, runs: int, outdir: Path) -> rep.StartupResult
         with procs.server(cmd, BUILD, child_env(), outdir / "startup-server.log") as p:
             procs.wait_ready(p, port, timeout=20, interval=0.002)
             samples.append(time.monotonic() - t0)
-    return rep.StartupResult(fill(template, STARTUP_WORKERS), tuple(samples))
+    return rep.StartupResult(fill(template, STARTUP_WORKERS), tuple(samples), load.share())
 
 
 # ------------------------------------------------------------------ report
@@ -285,6 +288,9 @@ def run_parts(a: argparse.Namespace, outdir: Path, problems: list[str]) -> tuple
             configs.append(cfg)
             if rc != 0:
                 problems.append(f"compare.py ({spec.key}) exited {rc} (1 = a data mismatch)")
+            problems += [f"{spec.key}: no results from `{name}` (did it start? see "
+                         f"{outdir / spec.key / f'server-{name}.log'})"
+                         for name in cfg.servers if name not in cfg.stats]
     if "memory" in a.parts:
         log(f"idle memory: {a.mem_conns} connections")
         try:
@@ -302,10 +308,14 @@ def run_parts(a: argparse.Namespace, outdir: Path, problems: list[str]) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _sigterm)
     procs.become_subreaper()
     procs.raise_nofile(a.mem_conns + 1024)  # idle5k and the memory probe: servers inherit it
     outdir = (a.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if "compare" in a.parts and any((outdir / c.key / "runs.jsonl").exists() for c in CONFIGS):
+        # compare.py appends to runs.jsonl: old runs would mix in
+        raise SystemExit(f"run.py: {outdir} already holds runs; choose another --out")
     outdir.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     try:
