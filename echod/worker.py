@@ -42,6 +42,8 @@ WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 UDP_REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})
 UDP_MAX_DATAGRAM = 65535
+# Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
+FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
 
 class Connection:
@@ -115,6 +117,8 @@ class Worker:
         os._exit(exitcodes.OK)
 
     def _boot(self) -> None:
+        if os.environ.get(FAULT_INJECTION_ENV) == "boot":
+            raise RuntimeError(f"boot failure injected by {FAULT_INJECTION_ENV}")
         self.signals = SignalQueue(WORKER_SIGNALS)
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)

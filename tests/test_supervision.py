@@ -158,3 +158,25 @@ def test_hung_worker_is_killed_after_worker_timeout(start_echod) -> None:
     assert healthy in server.worker_pids(), "an idle, healthy worker was killed"
     time.sleep(3)  # longer than worker_timeout: the idle healthy worker must survive it
     assert healthy in server.worker_pids()
+
+
+def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(start_echod) -> None:
+    server = start_echod(workers=2, wait=False, env={"_ECHOD_TEST_FAULT": "boot"})
+    assert server.wait(20) == 1
+    server.wait_for_log("cannot start")
+    starts = server.output.count("started worker")
+    assert starts <= 2, f"{starts} worker starts: a crash loop"
+    # the worker's own reason reaches the operator
+    server.wait_for_log("worker failed to start: boot failure injected")
+
+
+def test_a_worker_dying_young_repeatedly_is_restarted_with_back_off(start_echod) -> None:
+    server = start_echod(workers=1)
+    for _ in range(3):
+        (pid,) = server.wait_workers(1)
+        psutil.Process(pid).kill()
+        wait_until(lambda p=pid: p not in server.worker_pids(), 10, message="worker death")
+    server.wait_for_log(r"keeps dying young \(\d in a row\): next start in")
+    server.wait_workers(1)
+    with server.connect() as sock:
+        assert echo_roundtrip(sock, b"recovered") == b"recovered"
