@@ -226,9 +226,10 @@ def listen_fds(unset_environment: bool = True) -> list[InheritedSocket]:
         if not count.isdigit():
             raise BindError(f"socket activation: invalid LISTEN_FDS={count!r}")
         fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
-        names = env.get("LISTEN_FDNAMES", "").split(":")
+        raw_names = env.get("LISTEN_FDNAMES")
+        names = raw_names.split(":") if raw_names is not None else []
         if len(names) != len(fds):
-            if "LISTEN_FDNAMES" in env:
+            if raw_names is not None:
                 log.warning("LISTEN_FDNAMES does not match LISTEN_FDS=%d; ignoring it", len(fds))
             names = ["unknown"] * len(fds)  # systemd's own default name
         return [_describe(fd, name) for fd, name in zip(fds, names, strict=True)]
