@@ -181,20 +181,30 @@ def free_port(kind: socket.SocketKind) -> int:
 
 def exchange(kind: socket.SocketKind, port: int, deadline: float) -> bytes:
     """Send b"ping" to the activating listener (retrying until it listens), return the echo."""
-    while True:
-        try:
-            with socket.socket(socket.AF_INET, kind) as client:
-                client.settimeout(2.0)
-                if kind == socket.SOCK_STREAM:
-                    client.connect(("127.0.0.1", port))
-                    client.sendall(b"ping")
-                    return client.recv(100)
-                client.sendto(b"ping", ("127.0.0.1", port))
+    if kind == socket.SOCK_STREAM:
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=2.0)
+                break
+            except ConnectionRefusedError:  # systemd-socket-activate not listening yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with client:
+            client.settimeout(CHILD_TIMEOUT_SECONDS)
+            client.sendall(b"ping")
+            return client.recv(100)
+    # UDP: one client socket throughout, so the echo of whichever datagram arrived
+    # first (earlier ones may predate the bind) comes back to it.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(0.5)
+        while True:
+            client.sendto(b"ping", ("127.0.0.1", port))
+            try:
                 return client.recvfrom(100)[0]
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # systemd-socket-activate is still starting up
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="no systemd")
