@@ -33,6 +33,7 @@ POSIX record lock would be.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -79,7 +80,9 @@ class PidFile:
         if self.fd is not None:
             return
         try:
-            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.path.parent.chmod(0o755)  # whatever the umask: echoctl must read it
         except OSError as exc:
             raise EchodError(
                 f"cannot create the pidfile directory {self.path.parent}: {exc.strerror}"
@@ -88,6 +91,8 @@ class PidFile:
             fd = self._open_and_lock()
             if _same_file(fd, self.path):
                 self.fd = fd
+                with contextlib.suppress(PermissionError):  # someone else's stale file
+                    os.fchmod(fd, 0o644)  # readable by echoctl, whatever the umask
                 self.write(os.getpid())
                 return
             # The previous holder removed the file between our open() and flock():
