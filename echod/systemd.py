@@ -48,7 +48,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 from echod.errors import BindError
@@ -96,7 +96,7 @@ class Notifier:
     watchdog_usec: int | None = None
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notifier:
         env = os.environ if environ is None else environ
         raw_address = env.get("NOTIFY_SOCKET", "")
         address = _notify_address(raw_address) if raw_address else None
