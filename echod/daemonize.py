@@ -109,7 +109,8 @@ def launch_daemon(
     stderr: IO[str] | None = None,
 ) -> ReadinessReporter:
     read_fd, write_fd = os.pipe()
-    # Buffered output would otherwise be written twice, once by each process.
+    # The launcher leaves through os._exit(), which flushes nothing; and the daemon's
+    # copy of the buffers would be flushed into /dev/null. Write pending output now.
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -126,7 +127,8 @@ def launch_daemon(
             stderr=stderr,
         )
     except BaseException as exc:
-        # Still the first child: say why to the launcher, never return to the caller.
+        # A child of the launcher (before or after python-daemon's forks): say why to
+        # the launcher, and never return into the caller's code.
         reporter.failed(exitcodes.FAILURE, f"echod: cannot daemonize: {exc}")
         os._exit(exitcodes.FAILURE)
     reporter._announce_pid()
