@@ -1,61 +1,233 @@
-"""Pidfile locked with flock for the master's life (placeholder until the daemon layer lands)."""
+"""The master's pidfile, locked with flock(2) for as long as the master lives.
+
+Public API
+----------
+``PidFile(path)``
+    Nothing happens until ``acquire()``. Also a context manager (acquire/release).
+``PidFile.acquire() -> None``
+    Creates the parent directory (0755) and the file, takes an exclusive non-blocking
+    lock and writes this process's pid. A file nobody holds locked is stale and taken
+    over. Raises ``AlreadyRunning`` (exit 69) naming the holder's pid if it is held,
+    ``EchodError`` if the file cannot be created.
+``PidFile.write(pid) -> None``
+    Rewrites the pid in place on the locked fd (then fsync). Call it again after
+    daemonizing: the daemon's pid differs from the launcher's.
+``PidFile.release() -> None``
+    Removes the file if it is still ours (our inode, our pid), then unlocks. Idempotent.
+``PidFile.keep_across_exec() -> int``
+    Makes the locked fd survive ``os.execv`` and returns its number, for the new image.
+``PidFile.adopt(path, fd) -> PidFile``
+    In the re-executed master: wraps the inherited fd again (lock intact, close-on-exec
+    set again). Raises ``EchodError`` if ``fd`` is not the locked ``path``.
+``PidFile.close_in_child() -> None``
+    In a forked worker: closes the inherited fd without touching the lock or the file.
+``read_pid(path) -> int | None`` and ``is_locked(path) -> bool``
+    For echoctl. LSB: a pidfile whose lock nobody holds is stale.
+
+Why flock(2) and not fcntl/lockf record locks: a flock lock belongs to the open file
+description, so it survives both ``fork()`` (the lock taken before daemonizing stays
+with the daemon) and ``execve()`` of an inherited fd (the in-place upgrade), and it is
+not silently dropped when the process closes some other fd of the same file, which a
+POSIX record lock would be.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import time
+from pathlib import Path
+from types import TracebackType
 
 from echod.errors import AlreadyRunning, EchodError
 
+_MAX_PID_BYTES = 32
+# acquire() retries when the file it locked was unlinked (or replaced) meanwhile.
+_ACQUIRE_ATTEMPTS = 5
+# How long a failed acquire() waits for a just-started holder to write its pid.
+_HOLDER_PID_WAIT_SECONDS = 0.5
+
 
 class PidFile:
-    def __init__(self, path: str, fd: int = -1) -> None:
-        self.path = path
-        self.fd = fd
+    """An flock-ed pidfile owned by the master process."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def __enter__(self) -> PidFile:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"PidFile({str(self.path)!r}, fd={self.fd})"
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o755, exist_ok=True)
+        if self.fd is not None:
+            return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.path.parent.chmod(0o755)  # whatever the umask: echoctl must read it
         except OSError as exc:
-            raise EchodError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+            raise EchodError(
+                f"cannot create the pidfile directory {self.path.parent}: {exc.strerror}"
+            ) from exc
+        for _attempt in range(_ACQUIRE_ATTEMPTS):
+            fd = self._open_and_lock()
+            if _same_file(fd, self.path):
+                self.fd = fd
+                with contextlib.suppress(PermissionError):  # someone else's stale file
+                    os.fchmod(fd, 0o644)  # readable by echoctl, whatever the umask
+                self.write(os.getpid())
+                return
+            # The previous holder removed the file between our open() and flock():
+            # our lock is on an orphan inode. Start again on whatever is there now.
+            os.close(fd)
+        raise EchodError(f"cannot lock the pidfile {self.path}: it keeps being replaced")
+
+    def _open_and_lock(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise EchodError(f"cannot open the pidfile {self.path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = read_pid(self.path)
             os.close(fd)
-            raise AlreadyRunning(
-                f"echod is already running (pid {pid}, pidfile {self.path})") from None
-        self.fd = fd
+            raise AlreadyRunning(self._already_running_message()) from None
+        except OSError as exc:
+            os.close(fd)
+            raise EchodError(f"cannot lock the pidfile {self.path}: {exc.strerror}") from exc
+        return fd
+
+    def _already_running_message(self) -> str:
+        deadline = time.monotonic() + _HOLDER_PID_WAIT_SECONDS
+        pid = read_pid(self.path)
+        # The holder writes its pid right after locking; give it that moment.
+        while pid is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pid = read_pid(self.path)
+        shown = str(pid) if pid is not None else "unknown"
+        return f"echod is already running (pid {shown}, pidfile {self.path})"
 
     def write(self, pid: int) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
-        os.fsync(self.fd)
+        fd = self._locked_fd()
+        data = f"{pid}\n".encode()
+        # Write first, then cut: a reader never sees an empty file, and read_pid()
+        # only parses the first line, which is complete at every instant.
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
 
     def release(self) -> None:
-        if self.fd < 0:
+        fd = self.fd
+        if fd is None:
             return
-        if read_pid(self.path) == os.getpid():
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
+        self.fd = None
+        try:
+            still_ours = _parse_pid(os.pread(fd, _MAX_PID_BYTES, 0)) == os.getpid()
+            if still_ours and _same_file(fd, self.path):
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            # Unlink before unlocking: nobody can lock the old inode in between.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def keep_across_exec(self) -> int:
-        os.set_inheritable(self.fd, True)
-        return self.fd
+        fd = self._locked_fd()
+        os.set_inheritable(fd, True)
+        return fd
 
     @classmethod
-    def adopt(cls, path: str, fd: int) -> PidFile:
+    def adopt(cls, path: str | os.PathLike[str], fd: int) -> PidFile:
+        pidfile = cls(path)
+        try:
+            is_ours = _same_file(fd, pidfile.path)
+            if is_ours:
+                # Re-locking a lock this open file description already holds succeeds;
+                # someone else's lock would make it fail.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise EchodError(f"inherited pidfile fd {fd} is unusable: {exc.strerror}") from exc
+        if not is_ours:
+            raise EchodError(f"inherited pidfile fd {fd} is not {pidfile.path}")
         os.set_inheritable(fd, False)
-        return cls(path, fd)
+        pidfile.fd = fd
+        return pidfile
+
+    def close_in_child(self) -> None:
+        # The lock stays with the master: it belongs to the shared open file
+        # description, which the master still has open.
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _locked_fd(self) -> int:
+        if self.fd is None:
+            raise RuntimeError(f"pidfile {self.path} is not acquired")
+        return self.fd
 
 
-def read_pid(path: str) -> int | None:
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the inode open at ``fd``."""
     try:
-        with open(path) as handle:
-            return int(handle.read().strip() or 0) or None
-    except (OSError, ValueError):
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _parse_pid(data: bytes) -> int | None:
+    first_line = data.split(b"\n", 1)[0].strip()
+    if not first_line.isdigit():
         return None
+    pid = int(first_line)
+    return pid if pid > 0 else None
+
+
+def read_pid(path: str | os.PathLike[str]) -> int | None:
+    """The pid written in ``path``, or None if it is missing, empty or garbage."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _parse_pid(os.read(fd, _MAX_PID_BYTES))
+    finally:
+        os.close(fd)
+
+
+def is_locked(path: str | os.PathLike[str]) -> bool:
+    """Whether a live process holds the lock on ``path`` (False if it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # also drops the shared lock we may just have taken
+    return False
