@@ -12,6 +12,7 @@ import socket
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from echod.addresses import Address, Transport, format_host_port, parse_address
 from echod.errors import BindError
@@ -22,6 +23,7 @@ class Listener:
     address: Address  # as configured; the identity used when diffing on reload
     sock: socket.socket
     unix_inode: tuple[int, int] | None = field(default=None)
+    activated: bool = False  # handed over by systemd: kept whatever the config says
 
     @property
     def is_datagram(self) -> bool:
@@ -212,8 +214,54 @@ def reconcile(current: list[Listener], wanted: Iterable[Address], backlog: int) 
             with contextlib.suppress(OSError):
                 listener.sock.listen(backlog)  # a changed backlog applies in place
     wanted_set = set(wanted)
-    removed = [listener for listener in current if listener.address not in wanted_set]
+    removed = [listener for listener in current
+               if listener.address not in wanted_set and not listener.activated]
+    kept += [listener for listener in current
+             if listener.activated and listener.address not in wanted_set]
     return ListenerChange(kept, opened, removed)
+
+
+def take_activated_sockets(
+    addresses: Iterable[Address],
+) -> tuple[dict[Address, socket.socket], list[Listener]]:
+    """Sockets from systemd socket activation: those matching a configured bind, and
+    the rest (served as well: the socket unit is the administrator's word too).
+
+    A configured address matches an inherited socket bound to the same address, or,
+    for the same transport and port, either side's wildcard: the shipped socket unit
+    listens on [::]:7 while the config names 127.0.0.1:7.
+    """
+    from echod.systemd import listen_fds
+
+    inherited = listen_fds()
+    if not inherited:
+        return {}, []
+    by_spec = {entry.bind_spec: entry for entry in inherited}
+    matched: dict[Address, socket.socket] = {}
+    for address in addresses:
+        entry = by_spec.get(str(address)) or _wildcard_match(address, inherited)
+        if entry is not None and entry.bind_spec in by_spec:
+            del by_spec[entry.bind_spec]
+            matched[address] = entry.socket()
+    extra = []
+    for spec, entry in by_spec.items():
+        extra.append(Listener(parse_address(spec), entry.socket(), activated=True))
+    return matched, extra
+
+
+def _wildcard_match(address: Address, inherited: list[Any]) -> Any:
+    if address.transport not in (Transport.TCP, Transport.UDP):
+        return None
+    wildcards = {"0.0.0.0", "::", ""}
+    for entry in inherited:
+        try:
+            candidate = parse_address(entry.bind_spec)
+        except ValueError:
+            continue
+        if candidate.transport is address.transport and candidate.port == address.port and (
+                candidate.host in wildcards or address.host in wildcards):
+            return entry
+    return None
 
 
 def adopt_sockets(fds_by_address: Mapping[str, int]) -> dict[Address, socket.socket]:

@@ -439,11 +439,13 @@ class Master:
                         else "an upgrade is already under way")
             return
         log.info("upgrade requested: checking that the installed code and config load")
+        self.hooks.on_reloading(self)
         try:
             self.preflight = Preflight.start(time.monotonic())
         except OSError as exc:
             log.error("upgrade aborted: cannot run the pre-flight check: %s", exc.strerror)
             self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+            self.hooks.on_ready(self)
 
     def _watch_preflight(self, now: float) -> None:
         assert self.preflight is not None
@@ -460,17 +462,20 @@ class Master:
             log.error("upgrade aborted, everything keeps running as it was: the pre-flight "
                       "check %s: %s", _describe_exit(status), preflight.summary)
             self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+            if not self.stopping:
+                self.hooks.on_ready(self)
             return
         handoff = Handoff(
             listener_fds={str(listener.address): listener.fileno()
                           for listener in self.listeners},
-            pidfile_fd=self.pidfile.fd,
+            pidfile_fd=self.pidfile.keep_across_exec(),
             alive_read=self.alive_read,
             alive_write=self.alive_write,
             generation=self.generation,
             desired=self.desired,
             workers=[AdoptedWorker(w.pid, w.worker_id, w.generation, w.retiring)
                      for w in self.workers.values()],
+            activated=[str(lst.address) for lst in self.listeners if lst.activated],
         )
         log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", self.pid)
         logs.flush()
@@ -481,6 +486,7 @@ class Master:
         except OSError as exc:
             log.error("upgrade aborted: exec failed: %s", exc.strerror)
             self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+            self.hooks.on_ready(self)
 
     # -- stopping ------------------------------------------------------------------
     def stop(self, graceful: bool) -> None:

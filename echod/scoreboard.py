@@ -13,6 +13,7 @@ update old, which is fine for supervision and statistics.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -171,6 +172,8 @@ class Scoreboard:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # e.g. privileges dropped: leave it, the next start replaces it
+            logging.getLogger("echod").warning("cannot remove %s: %s", self.path, exc.strerror)
 
     # -- master-wide header -----------------------------------------------------
     def _write_header(self, *, master_pid: int, generation: int, code_started: float,

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from echod.systemd import SYSTEMD_CHILD_VARIABLES
+
 HANDOFF_ENV = "_ECHOD_UPGRADE"  # not ECHOD_*: that prefix is for config keys
 PREFLIGHT_TIMEOUT = 30.0
 
@@ -46,6 +48,7 @@ class Handoff:
     generation: int
     desired: int
     workers: list[AdoptedWorker] = field(default_factory=list)
+    activated: list[str] = field(default_factory=list)  # systemd's sockets, by address
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -83,7 +86,8 @@ class Preflight:
             (os.POSIX_SPAWN_DUP2, write_fd, 1),
             (os.POSIX_SPAWN_DUP2, write_fd, 2),
         ]
-        env = {k: v for k, v in os.environ.items() if k != HANDOFF_ENV}
+        env = {k: v for k, v in os.environ.items()
+               if k != HANDOFF_ENV and k not in SYSTEMD_CHILD_VARIABLES}
         try:
             pid = os.posix_spawn(sys.executable, [*program_argv(), "--check-config"], env,
                                  file_actions=actions, setsigdef=(signal.SIGTERM,

@@ -1,7 +1,7 @@
 """echod under a real systemd (PID 1 in a throw-away container): tests/sandbox/inside.sh.
 
 Needs root and ../shared/systemd-sandbox/run-in-systemd.sh next to the repository;
-skipped without them, unless ECHOD_REQUIRE_SANDBOX=1 (CI), where that is a failure.
+skipped without them, unless REQUIRE_SYSTEMD_SANDBOX=1 (CI), where that is a failure.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def test_units_under_real_systemd() -> None:
     missing = missing_prerequisites()
     if missing:
         reason = "; ".join(missing)
-        if os.environ.get("ECHOD_REQUIRE_SANDBOX") == "1":
-            pytest.fail(f"ECHOD_REQUIRE_SANDBOX=1 but {reason}")
+        if os.environ.get("REQUIRE_SYSTEMD_SANDBOX") == "1":
+            pytest.fail(f"REQUIRE_SYSTEMD_SANDBOX=1 but {reason}")
         pytest.skip(reason)
     excludes = [f"--exclude={pattern}" for pattern in NOT_COPIED]
     result = subprocess.run(
