@@ -94,6 +94,7 @@ class Master:
         self.boot_failures: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
         self.preflight: Preflight | None = None
+        self.switch_reason = "reload"  # what the pending generation switch is for
         self.next_memory_sample = 0.0
         if self.handoff is None:
             self.alive_read, self.alive_write = os.pipe2(os.O_CLOEXEC)
@@ -118,6 +119,7 @@ class Master:
         self.generation = handoff.generation + 1
         self.desired = handoff.desired
         self.reload_pending = True  # old workers retire once the new generation serves
+        self.switch_reason = "upgrade"
         self.ready_announced = True
         self.scoreboard.count_event(MasterCounter.UPGRADES_OK)
         log.info("upgraded in place to echod %s: adopted %d worker(s) of generation %d; "
@@ -366,6 +368,7 @@ class Master:
         self.desired = new_config.workers
         self.generation += 1
         self.reload_pending = True
+        self.switch_reason = "reload"
         self._publish_master()
 
     def _finish_generation_switch(self) -> None:
@@ -382,7 +385,8 @@ class Master:
         self.reload_pending = False
         log.info("generation %d serving with %d worker(s); retiring the previous one",
                  self.generation, len(current))
-        self.scoreboard.count_event(MasterCounter.RELOADS_OK)
+        if self.switch_reason == "reload":
+            self.scoreboard.count_event(MasterCounter.RELOADS_OK)
         self.hooks.on_ready(self)
 
     def scale(self, count: int) -> None:

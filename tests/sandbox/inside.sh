@@ -153,7 +153,8 @@ journalctl -u "$UNIT" --no-pager -o cat | tail -n 10 | sed 's/^/# /'
 check "systemctl start echod.socket" systemctl start echod.socket
 check "service not started yet" is_inactive "$UNIT"
 check "TCP echo through socket activation" echo_works tcp
-check "socket activation started echod" is_active "$UNIT"
+# Type=notify: active once READY=1 arrives, a moment after the first echo
+check "socket activation started echod" poll "$POLL_SECONDS" is_active "$UNIT"
 check "UDP echo through socket activation" echo_works udp
 check "pidfile names the activated MainPID" pidfile_names_main_pid
 systemctl status --no-pager echod.socket "$UNIT" | grep -E 'Active|Listen|Status|Triggers' | sed 's/^/# /'

@@ -1,0 +1,207 @@
+"""``echoctl status``: the master and each worker, from the scoreboard and psutil.
+
+Exit codes follow LSB: 0 running, 1 pidfile left but no master, 3 not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import psutil
+
+from echod.ctl.target import add_location_options, find_master
+from echod.scoreboard import Counter, SlotView, State
+
+CPU_SAMPLE_SECONDS = 0.2
+
+EXAMPLES = """examples:
+  echoctl status
+  echoctl status --json | jq '.workers[].connections'
+  echoctl --runtime-dir /run/echod status
+"""
+
+
+@dataclass
+class WorkerStatus:
+    worker: int
+    pid: int
+    generation: int
+    state: str
+    uptime_s: float
+    cpu_percent: float
+    rss_bytes: int
+    uss_bytes: int
+    connections: int
+    accepted: int
+    bytes_in: int
+    bytes_out: int
+    heartbeat_age_s: float
+
+
+@dataclass
+class MasterStatus:
+    pid: int
+    version: str
+    code_started: str
+    started: str
+    uptime_s: float
+    generation: int
+    cpu_percent: float
+    rss_bytes: int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status", help="show the running master and its workers",
+        description="Show the running echod master and a table of its workers "
+                    "(exit 0 running, 1 stale pidfile, 3 not running).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="one JSON document")
+    add_location_options(parser, suppress=True)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    master = find_master(args)
+    view = master.scoreboard.master()
+    slots = [slot for slot in master.scoreboard.slots() if slot.state != State.FREE]
+    processes = {pid: _process(pid) for pid in [master.pid, *(s.pid for s in slots)]}
+    cpu = _sample_cpu(processes)
+    now_wall, now_mono = time.time(), time.monotonic()
+    master_status = MasterStatus(
+        pid=master.pid, version=view.version, code_started=_iso(view.code_started),
+        started=_iso(view.master_started), uptime_s=round(now_wall - view.master_started, 1),
+        generation=view.generation, cpu_percent=cpu.get(master.pid, 0.0),
+        rss_bytes=_rss(processes.get(master.pid)))
+    workers = [_worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0),
+                              now_wall, now_mono) for slot in sorted(slots,
+                                                                     key=lambda s: s.worker_id)]
+    totals = _totals(view.retired, slots)
+    if args.json:
+        print(json.dumps({"master": asdict(master_status),
+                          "workers": [asdict(w) for w in workers],
+                          "totals": totals}, indent=2))
+    else:
+        print(_render(master_status, workers, totals))
+    return 0
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _sample_cpu(processes: dict[int, psutil.Process | None]) -> dict[int, float]:
+    """CPU % of each process over one short window (all sampled together)."""
+    before = {}
+    for pid, process in processes.items():
+        if process is not None:
+            try:
+                before[pid] = sum(process.cpu_times()[:2])
+            except psutil.Error:
+                pass
+    time.sleep(CPU_SAMPLE_SECONDS)
+    usage = {}
+    for pid, start in before.items():
+        process = processes[pid]
+        assert process is not None
+        try:
+            usage[pid] = round(100 * (sum(process.cpu_times()[:2]) - start)
+                               / CPU_SAMPLE_SECONDS, 1)
+        except psutil.Error:
+            pass
+    return usage
+
+
+def _rss(process: psutil.Process | None) -> int:
+    try:
+        return process.memory_info().rss if process else 0
+    except psutil.Error:
+        return 0
+
+
+def _uss(process: psutil.Process | None) -> int:
+    try:
+        return process.memory_full_info().uss if process else 0
+    except psutil.Error:
+        return 0
+
+
+def _worker_status(slot: SlotView, process: psutil.Process | None, cpu: float,
+                   now_wall: float, now_mono: float) -> WorkerStatus:
+    return WorkerStatus(
+        worker=slot.worker_id, pid=slot.pid, generation=slot.generation,
+        state=slot.state.name.lower(), uptime_s=round(now_wall - slot.started, 1),
+        cpu_percent=cpu, rss_bytes=_rss(process), uss_bytes=_uss(process),
+        connections=slot.active, accepted=slot.counter(Counter.ACCEPTED),
+        bytes_in=slot.counter(Counter.BYTES_IN), bytes_out=slot.counter(Counter.BYTES_OUT),
+        heartbeat_age_s=round(max(0.0, now_mono - slot.heartbeat), 1))
+
+
+def _totals(retired: tuple[int, ...], slots: list[SlotView]) -> dict[str, int]:
+    def total(which: Counter) -> int:
+        return retired[which] + sum(slot.counter(which) for slot in slots)
+
+    return {"connections": total(Counter.ACCEPTED), "active": sum(s.active for s in slots),
+            "bytes_in": total(Counter.BYTES_IN), "bytes_out": total(Counter.BYTES_OUT)}
+
+
+def _iso(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def human_bytes(value: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(value) < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value}"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str, int]) -> str:
+    lines = [
+        f"echod {master.version} running: master pid {master.pid}, generation "
+        f"{master.generation}, up {human_duration(master.uptime_s)} (since {master.started})",
+        f"code started {master.code_started}; master CPU {master.cpu_percent:.1f}%, "
+        f"RSS {human_bytes(master.rss_bytes)}",
+        f"{len(workers)} worker(s), {totals['active']} open connection(s); since start: "
+        f"{totals['connections']} connections, {human_bytes(totals['bytes_in'])} in, "
+        f"{human_bytes(totals['bytes_out'])} out",
+        "",
+    ]
+    header = ("WORKER", "PID", "GEN", "STATE", "UPTIME", "CPU%", "RSS", "USS", "CONNS",
+              "ACCEPTED", "IN", "OUT", "HEARTBEAT")
+    rows = [header] + [(
+        str(w.worker), str(w.pid), str(w.generation), w.state, human_duration(w.uptime_s),
+        f"{w.cpu_percent:.1f}", human_bytes(w.rss_bytes), human_bytes(w.uss_bytes),
+        str(w.connections), str(w.accepted), human_bytes(w.bytes_in),
+        human_bytes(w.bytes_out), f"{w.heartbeat_age_s:.1f}s ago") for w in workers]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [cell.ljust(width) if i == 3 else cell.rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
