@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +18,15 @@ from typing import Any, NoReturn
 
 from echod import exitcodes, installed_version
 from echod.addresses import parse_address
-from echod.config import LOG_FORMATS, LOG_LEVELS, Config, coerce, load_config
+from echod.config import (
+    CONFIG_ENV,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Config,
+    absolute_paths,
+    coerce,
+    load_config,
+)
 from echod.errors import ConfigError, EchodError, UsageError
 
 # Read when the master's code starts: `echoctl status` shows it, and an
@@ -89,6 +98,13 @@ class ConfigSource:
     def load(self) -> Config:
         return load_config(self.path, self.cli_overrides)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ConfigSource:
+        """Paths made absolute now: a daemon re-reads them later from /."""
+        path = args.config or os.environ.get(CONFIG_ENV) or None
+        return cls(os.path.abspath(path) if path else None,
+                   absolute_paths(cli_overrides(args)))
+
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, checked here so that mistakes exit 64."""
@@ -114,7 +130,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        source = ConfigSource(args.config, cli_overrides(args))
+        source = ConfigSource.from_args(args)
         config = source.load()
         if args.print_config:
             sys.stdout.write(config.to_toml())

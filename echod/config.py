@@ -207,6 +207,22 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return overrides
 
 
+PATH_KEYS = ("runtime_dir", "pidfile", "log_file", "access_log")
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """A daemon runs in /: relative paths must mean what they meant where it started."""
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if value and value != "-":
+            values[key] = os.path.abspath(value)
+    if "bind" in values:
+        values["bind"] = tuple(
+            f"unix:{os.path.abspath(text[5:])}" if text.startswith("unix:")
+            and not text.startswith("unix://") else text for text in values["bind"])
+    return values
+
+
 def load_config(
     config_path: str | None = None,
     cli_overrides: Mapping[str, Any] | None = None,
@@ -215,6 +231,7 @@ def load_config(
     """Build the effective config; raise ConfigError naming the key and where it came from."""
     environ = os.environ if environ is None else environ
     path = config_path or environ.get(CONFIG_ENV) or None
+    path = os.path.abspath(path) if path else None
     values: dict[str, Any] = {}
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if path:
@@ -225,7 +242,7 @@ def load_config(
         for name, value in layer.items():
             if value is not None:
                 values[name] = coerce(name, value, origin)
-    config = replace(Config(), **values)
+    config = replace(Config(), **absolute_paths(values))
     if config.max_connections_per_child_jitter and not config.max_connections_per_child:
         raise ConfigError("max_connections_per_child_jitter needs max_connections_per_child")
     return config

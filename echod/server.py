@@ -46,6 +46,8 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
     os.umask(config.umask)
     _setup_logging(config, log_file)
     if handoff is not None:
+        if not foreground:
+            os.chdir("/")  # a daemon again, like the image it replaced
         pidfile = PidFile.adopt(config.pidfile_path, handoff.pidfile_fd)
         listeners = _take_over_listeners(config, handoff)
         scoreboard = Scoreboard.attach(scoreboard_path(str(pidfile.path)))

@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from echod.systemd import SYSTEMD_CHILD_VARIABLES
 
 HANDOFF_ENV = "_ECHOD_UPGRADE"  # not ECHOD_*: that prefix is for config keys
+# Where echod was started: relative paths in its arguments are relative to it. A
+# daemon lives in /, so the pre-flight and the new image run from here instead.
+LAUNCH_DIRECTORY = os.getcwd()
 PREFLIGHT_TIMEOUT = 30.0
 
 
@@ -88,11 +91,14 @@ class Preflight:
         ]
         env = {k: v for k, v in os.environ.items()
                if k != HANDOFF_ENV and k not in SYSTEMD_CHILD_VARIABLES}
+        here = os.getcwd()
         try:
+            os.chdir(LAUNCH_DIRECTORY)
             pid = os.posix_spawn(sys.executable, [*program_argv(), "--check-config"], env,
                                  file_actions=actions, setsigdef=(signal.SIGTERM,
                                                                   signal.SIGINT))
         finally:
+            os.chdir(here)
             os.close(write_fd)
         os.set_blocking(read_fd, False)
         return cls(pid, read_fd, now)
@@ -134,11 +140,14 @@ def exec_new_image(handoff: Handoff, keep_fds: Iterable[int],
     # Signals stay blocked across exec (the mask is inherited), so one arriving
     # before the new image installs its handlers waits instead of killing us.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)
+    here = os.getcwd()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        os.chdir(LAUNCH_DIRECTORY)
         os.execve(sys.executable, program_argv(), env)
     except OSError:
+        os.chdir(here)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         for fd in fds:
             os.set_inheritable(fd, False)

@@ -156,3 +156,24 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_relative_paths_survive_daemonizing_reload_and_upgrade(tmp_path: Path,
+                                                               daemons: list[int]) -> None:
+    """The daemon runs in /, yet `-c echod.toml` given relative must keep working."""
+    (tmp_path / "echod.toml").write_text('bind = ["127.0.0.1:0"]\nworkers = 1\n')
+    result = subprocess.run([*echod_command(), "-c", "echod.toml", "--runtime-dir", "run",
+                             "--log-file", "echod.log"], capture_output=True, text=True,
+                            env=child_env(), timeout=60, cwd=tmp_path)
+    pid = read_pid(tmp_path / "run" / "echod.pid")
+    daemons.append(pid or 0)
+    assert result.returncode == 0, result.stderr
+    assert psutil.Process(pid).cwd() == "/"
+    os.kill(pid, signal.SIGHUP)
+    log = tmp_path / "echod.log"
+    wait_until(lambda: "generation 2 serving" in log.read_text(), 20, message="reload")
+    os.kill(pid, signal.SIGUSR2)
+    wait_until(lambda: "generation 3 serving" in log.read_text(), 30, message="upgrade")
+    assert "upgrade aborted" not in log.read_text()
+    assert psutil.Process(pid).cwd() == "/"
+    assert read_pid(tmp_path / "run" / "echod.pid") == pid
