@@ -325,7 +325,7 @@ def test_version_is_the_installed_one() -> None:
     assert result.stdout.strip() == f"echoctl {metadata.version('echod')}"
 
 
-@pytest.mark.parametrize("command", ["send", "check"])
+@pytest.mark.parametrize("command", ["send", "check", "bench"])
 def test_every_subcommand_has_help_with_examples(command: str) -> None:
     result = run_echoctl(command, "--help")
     assert result.returncode == 0

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any, Protocol, cast
 
 from echod import exitcodes, installed_version
-from echod.ctl import check, cli, probe
+from echod.ctl import bench, check, cli, probe
 from echod.errors import EchodError
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -22,6 +22,7 @@ INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 SUBCOMMANDS: tuple[ModuleType, ...] = (
     probe,
     check,
+    bench,
 )
 
 EPILOG = """\
@@ -31,6 +32,7 @@ Run 'echoctl COMMAND --help' for a command's options and examples.
 examples:
   echoctl send -c 3                       probe 127.0.0.1:7007 three times
   echoctl check -H 127.0.0.1 -p 7007      a Nagios/Icinga check
+  echoctl bench -c 50 -d 10 -P 2          load test with 50 connections
 """
 
 
