@@ -242,6 +242,13 @@ def run_bench(settings: BenchSettings, *, show_progress: bool = False) -> list[W
         if show_progress:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+    except BaseException:
+        # Ctrl-C or a failure here: the children ignore SIGINT, stop them now
+        # rather than letting them run out the duration.
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
     finally:
         for receiver in receivers:
             receiver.close()

@@ -12,19 +12,12 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from echod import exitcodes
-from echod.errors import EchodError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7007
 
 # Called with (parser, message) on a usage error; must not return.
 UsageErrorHandler = Callable[[argparse.ArgumentParser, str], NoReturn]
-
-
-class ProbeTargetError(EchodError):
-    """The target could not be resolved or reached at all: 'nothing answered' (exit 2)."""
-
-    exit_code = 2
 
 
 class CtlArgumentParser(argparse.ArgumentParser):

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from echod.ctl.cli import ProbeTargetError, format_address, format_ms
+from echod.ctl.cli import format_address, format_ms
 from echod.ctl.payload import describe_mismatch
 from echod.ctl.stats import RttStats
+from echod.errors import EchodError
 
 # Each UDP datagram starts with this header so that any reply identifies the
 # probe it answers, even when it arrives late, twice or out of order.
@@ -36,6 +37,12 @@ _RECV_SIZE = 65536
 _MAX_DRAIN = 1024
 
 EventKind = Literal["duplicate", "late", "unexpected", "closed"]
+
+
+class ProbeTargetError(EchodError):
+    """The target cannot be resolved, so nothing can answer: exit 2, like a refusal."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

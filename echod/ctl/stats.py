@@ -1,4 +1,4 @@
-"""Latency statistics: ping-style min/avg/max/mdev and mergeable percentiles."""
+"""Latency statistics: ping-style min/avg/max/mdev, and a histogram for percentiles."""
 
 from __future__ import annotations
 
@@ -37,14 +37,6 @@ class RttStats:
             "max": round(self.max_ms, 6),
             "mdev": round(self.mdev_ms, 6),
         }
-
-
-def percentile(sorted_samples: Sequence[float], fraction: float) -> float:
-    """The nearest-rank percentile (fraction in 0..1) of already sorted samples."""
-    if not sorted_samples:
-        raise ValueError("percentile of no samples")
-    rank = max(1, math.ceil(fraction * len(sorted_samples)))
-    return sorted_samples[min(rank, len(sorted_samples)) - 1]
 
 
 # Bucket boundaries grow by 1% so a reported percentile is within 1% of the
