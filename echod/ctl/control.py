@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from echod.ctl.target import RunningMaster, add_location_options, find_master
+from echod.ctl.target import RunningMaster, find_master
 from echod.scoreboard import MasterCounter, State
 
 T = TypeVar("T")
@@ -27,7 +27,12 @@ class Timeout(Exception):
     pass
 
 
-def add_parser(subparsers: Any) -> None:
+Command = tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]
+
+
+def add_parsers(subparsers: Any) -> list[Command]:
+    commands: list[Command] = []
+
     def verb(name: str, help_text: str, run: Callable[[argparse.Namespace], int],
              examples: str, timeout: float = 60.0) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(
@@ -37,8 +42,7 @@ def add_parser(subparsers: Any) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--timeout", type=float, default=timeout, metavar="S",
                             help=f"how long to wait for the effect (default {timeout:g} s)")
-        add_location_options(parser, suppress=True)
-        parser.set_defaults(run=run)
+        commands.append((parser, run))
         return parser
 
     reload = verb("reload", "re-read the configuration (HUP) and replace the workers",
@@ -57,6 +61,7 @@ def add_parser(subparsers: Any) -> None:
          run_reopen_logs, "  mv echod.log echod.log.1 && echoctl reopen-logs\n")
     verb("upgrade", "upgrade in place (USR2): same pid, new code, new workers", run_upgrade,
          "  pip install -U echod && echoctl upgrade\n", timeout=120.0)
+    return commands
 
 
 def _wait(condition: Callable[[], T | None], timeout: float) -> T:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from echod.ctl.target import add_location_options, find_master
+from echod.ctl.target import find_master
 from echod.scoreboard import Counter, SlotView, State
 
 CPU_SAMPLE_SECONDS = 0.2
@@ -55,15 +55,14 @@ class MasterStatus:
     rss_bytes: int
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "status", help="show the running master and its workers",
         description="Show the running echod master and a table of its workers "
                     "(exit 0 running, 1 stale pidfile, 3 not running).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON document")
-    add_location_options(parser, suppress=True)
-    parser.set_defaults(run=run)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:

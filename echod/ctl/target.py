@@ -31,15 +31,6 @@ class NotRunning(EchodError):
         self.exit_code = DEAD_WITH_PIDFILE if stale else NOT_RUNNING
 
 
-def add_location_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
-    """--runtime-dir/--pidfile, accepted before and after the subcommand."""
-    default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--runtime-dir", metavar="DIR", default=default,
-                        help="where echod keeps its pidfile (default: as echod)")
-    parser.add_argument("--pidfile", metavar="PATH", default=default,
-                        help="the master's pidfile (default: RUNTIME_DIR/echod.pid)")
-
-
 def pidfile_path(args: argparse.Namespace) -> str:
     pidfile = getattr(args, "pidfile", None)
     if pidfile:
