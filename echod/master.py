@@ -317,9 +317,8 @@ class Master:
             log.info("no longer listening on %s", listener.bound)
             listener.close()
         self.listeners = change.listeners
-        if (new_config.log_level, new_config.log_file, new_config.log_format) != (
-                self.config.log_level, self.config.log_file, self.config.log_format):
-            logs.setup_logging(new_config.log_level, new_config.log_file, new_config.log_format)
+        if logs.settings_of(new_config) != logs.settings_of(self.config):
+            logs.setup_logging(*logs.settings_of(new_config))
         self.config = new_config
         self.desired = new_config.workers
         self.generation += 1

@@ -57,6 +57,11 @@ class Counter(IntEnum):
     CLOSED_RESET = 18
     CLOSED_EOF = 19
     CLOSED_SHUTDOWN = 20
+    ACCEPT_EMFILE = 21  # accept() failures by errno (the EMFILE family pauses accepting)
+    ACCEPT_ENFILE = 22
+    ACCEPT_ENOMEM = 23  # ENOMEM or ENOBUFS
+    ACCEPT_ABORTED = 24  # ECONNABORTED or EPROTO: the client left before accept()
+    ACCEPT_OTHER = 25
 
 
 class MasterCounter(IntEnum):

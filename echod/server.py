@@ -21,7 +21,7 @@ log = logging.getLogger("echod")
 
 def serve(config: Config, source: object, *, foreground: bool, code_started: float) -> int:
     """Run echod until it stops; return the exit code."""
-    logs.setup_logging(config.log_level, config.log_file, config.log_format)
+    logs.setup_logging(*logs.settings_of(config))
     _make_runtime_dir(config.runtime_dir)
     pidfile = PidFile(config.pidfile_path)
     pidfile.acquire()  # a second instance fails here, before binding anything

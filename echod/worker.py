@@ -38,6 +38,12 @@ READ_BUFFER_SIZE = 256 * 1024
 DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), before close
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+ACCEPT_ERROR_COUNTERS = {
+    errno.EMFILE: Counter.ACCEPT_EMFILE, errno.ENFILE: Counter.ACCEPT_ENFILE,
+    errno.ENOMEM: Counter.ACCEPT_ENOMEM, errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
+    errno.ECONNABORTED: Counter.ACCEPT_ABORTED, errno.EPROTO: Counter.ACCEPT_ABORTED,
+}
+ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 UDP_REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})
@@ -94,7 +100,7 @@ class Worker:
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
         self.next_housekeeping = 0.0
-        self.emfile_last_logged = 0.0
+        self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
 
     # -- life cycle ----------------------------------------------------------------
@@ -110,6 +116,8 @@ class Worker:
             log.critical("worker crashed", exc_info=True)
             os._exit(exitcodes.FAILURE)
         self._close_all(Counter.CLOSED_SHUTDOWN)
+        self._publish(time.monotonic())  # final counters: the master folds them in on reap
+        self.error_log.flush()
         log.info("worker exiting")
         logging.shutdown()
         os._exit(exitcodes.OK)
@@ -175,11 +183,8 @@ class Worker:
         if not self.accepting and not self.draining and not self.capacity_paused \
                 and now >= self.accept_resume_at:
             self._resume_accepting()
-        counters = self.counters
-        counters[Counter.ACCEPTED] = self.accepted
-        counters[Counter.BYTES_IN] = self.bytes_in
-        counters[Counter.BYTES_OUT] = self.bytes_out
-        self.slot.publish(now, len(self.connections), counters)
+        self._publish(now)
+        self.error_log.flush()
         if self.recycle_after and self.accepted >= self.recycle_after and not self.draining:
             self._request_recycling()
         next_tick = now + self.heartbeat_interval
@@ -188,6 +193,13 @@ class Worker:
         if not self.accepting and self.accept_resume_at > now:
             next_tick = min(next_tick, self.accept_resume_at)
         self.next_housekeeping = next_tick
+
+    def _publish(self, now: float) -> None:
+        counters = self.counters
+        counters[Counter.ACCEPTED] = self.accepted
+        counters[Counter.BYTES_IN] = self.bytes_in
+        counters[Counter.BYTES_OUT] = self.bytes_out
+        self.slot.publish(now, len(self.connections), counters)
 
     def _on_signals(self) -> None:
         assert self.signals is not None
@@ -251,11 +263,15 @@ class Worker:
             except BlockingIOError:
                 return
             except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
                 if exc.errno in FD_EXHAUSTED:
                     self._out_of_descriptors(exc, now)
                 elif exc.errno not in ACCEPT_TRANSIENT:
                     self.counters[Counter.ERRORS] += 1
-                    log.warning("accept on %s failed: %s", listener.bound, exc.strerror)
+                    self.error_log.log(logging.WARNING, "accept on %s failed: %s",
+                                       listener.bound, exc.strerror,
+                                       key=f"accept {listener.bound} {exc.errno}")
                 return
             client.setblocking(False)
             if tcp:
@@ -272,11 +288,9 @@ class Worker:
         self.accept_resume_at = now + EMFILE_PAUSE
         self.next_housekeeping = min(self.next_housekeeping, self.accept_resume_at)
         self.counters[Counter.ACCEPT_PAUSED_EMFILE] += 1
-        if now - self.emfile_last_logged >= 10:
-            self.emfile_last_logged = now
-            log.warning("out of file descriptors (%s) with %d connection(s) open: "
-                        "pausing accept for %.1fs", exc.strerror, len(self.connections),
-                        EMFILE_PAUSE)
+        self.error_log.log(logging.WARNING, "out of file descriptors (%s) with %d connection(s) "
+                           "open: pausing accept for %.1fs", exc.strerror, len(self.connections),
+                           EMFILE_PAUSE, key="out of file descriptors")
 
     # -- echoing ---------------------------------------------------------------------
     def _on_readable(self, conn: Connection, now: float) -> None:
