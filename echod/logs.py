@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from echod.errors import EchodError
+
 LOGGER_NAME = "echod"
 log = logging.getLogger(LOGGER_NAME)
 # One line per finished connection. Its own handler (file or stderr) and level:
@@ -135,11 +137,21 @@ def open_log_file(path: str) -> None:
 def setup_logging(level: str = "info", log_file: str = "", log_format: str = "text",
                   access_log_path: str = "") -> None:
     """Replace echod's handlers: stderr (default) or a file, in the chosen format; and the
-    access log's ("" = off, "-" = stderr), in the same format."""
-    _replace_handler(log, log_file, log_format)
+    access log's ("" = off, "-" = stderr), in the same format.
+
+    All or nothing: if a file cannot be opened, EchodError says which and the
+    handlers in place stay (a reload keeps logging where it did).
+    """
+    main = _make_handler(log_file, log_format)
+    try:
+        access = _make_handler(access_log_path, log_format) if access_log_path else None
+    except EchodError:
+        main.close()
+        raise
+    _install(log, main)
     log.setLevel(level.upper())
     log.propagate = False
-    _replace_handler(access_log, access_log_path, log_format, enabled=bool(access_log_path))
+    _install(access_log, access)
     access_log.setLevel(logging.INFO)
     access_log.propagate = False  # never into the error log, whatever its level
 
@@ -149,19 +161,28 @@ def settings_of(config: Any) -> tuple[str, str, str, str]:
     return (config.log_level, config.log_file, config.log_format, config.access_log)
 
 
-def _replace_handler(logger: logging.Logger, path: str, log_format: str,
-                     enabled: bool = True) -> None:
+def _make_handler(path: str, log_format: str) -> logging.Handler:
+    """A handler for `path` ("" or "-" = stderr) in the given format."""
+    to_stderr = not path or path == "-"
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = ReopenableFileHandler(path)
+        except OSError as exc:
+            raise EchodError(f"cannot open log file {path}: {exc.strerror or exc}") from None
+    journald = to_stderr and bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(journald))
+    return handler
+
+
+def _install(logger: logging.Logger, handler: logging.Handler | None) -> None:
     for old in list(logger.handlers):
         logger.removeHandler(old)
         old.close()
-    if not enabled:
-        return
-    to_stderr = not path or path == "-"
-    handler: logging.Handler
-    handler = logging.StreamHandler(sys.stderr) if to_stderr else ReopenableFileHandler(path)
-    journald = to_stderr and bool(os.environ.get("JOURNAL_STREAM"))
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(journald))
-    logger.addHandler(handler)
+    if handler is not None:
+        logger.addHandler(handler)
 
 
 def _handlers() -> list[logging.Handler]:

@@ -318,7 +318,10 @@ class Master:
             listener.close()
         self.listeners = change.listeners
         if logs.settings_of(new_config) != logs.settings_of(self.config):
-            logs.setup_logging(*logs.settings_of(new_config))
+            try:
+                logs.setup_logging(*logs.settings_of(new_config))
+            except EchodError as exc:
+                log.error("reload: %s; logging stays as it was", exc)
         self.config = new_config
         self.desired = new_config.workers
         self.generation += 1

@@ -73,6 +73,8 @@ class WorkerIdentity:
 
 
 class Worker:
+    connection_class: type[Connection] = Connection  # the access log counts bytes in a subclass
+
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
                  identity: WorkerIdentity, master_alive_fd: int) -> None:
         self.config = config
@@ -276,7 +278,7 @@ class Worker:
             client.setblocking(False)
             if tcp:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(client, peer, now)
+            conn = self.connection_class(client, peer, now)
             connections[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             if self.config.idle_timeout:
@@ -457,4 +459,9 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    Worker(config, listeners, slot, identity, master_alive_fd).run()
+    worker_class = Worker
+    if config.access_log:  # decided once: without an access log the hot path pays nothing
+        from echod.access import AccessLoggingWorker
+
+        worker_class = AccessLoggingWorker
+    worker_class(config, listeners, slot, identity, master_alive_fd).run()
