@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from echod import exitcodes, logs, procname
 from echod.config import Config
@@ -63,6 +64,23 @@ class Hooks:
     on_tick: Callable[[Master], None] = lambda master: None
 
 
+class Helper(Protocol):
+    """A process the master keeps running beside the workers (the metrics endpoint)."""
+
+    def supervise(self, master: Master, now: float) -> None:
+        """Every loop iteration: start (or restart) the process when needed."""
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        """A child that is not a worker was reaped; return True if it was ours."""
+        return False
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: close what the helper holds open."""
+
+    def stop(self) -> None:
+        """The master is leaving."""
+
+
 @dataclass
 class Master:
     config: Config
@@ -73,6 +91,7 @@ class Master:
     close_in_worker: Callable[[], None] = lambda: None
     version: str = ""
     code_started: float = 0.0
+    helpers: list[Helper] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -147,6 +166,8 @@ class Master:
             self._spawn_missing(now)
             self._finish_generation_switch()
             self._announce_ready_once()
+        for helper in self.helpers:
+            helper.supervise(self, now)
         self.hooks.on_tick(self)
 
     # -- spawning ------------------------------------------------------------------
@@ -191,6 +212,8 @@ class Master:
             self.signals.close()
             os.close(self.alive_write)
             self.close_in_worker()
+            for helper in self.helpers:
+                helper.close_in_child()
             slot = WorkerSlot(self.scoreboard, identity.worker_id - 1)
             start_worker(self.config, self.listeners, slot, identity, self.alive_read)
         except BaseException:
@@ -208,6 +231,9 @@ class Master:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                for helper in self.helpers:
+                    if helper.child_exited(pid, status):
+                        break
                 continue  # a pre-flight or other helper child
             self._on_worker_exit(worker, status)
 
@@ -397,6 +423,8 @@ class Master:
             self._retire(worker, graceful)
 
     def _cleanup(self) -> None:
+        for helper in self.helpers:
+            helper.stop()
         for listener in self.listeners:
             listener.close()
         self.scoreboard.unlink()

@@ -13,6 +13,7 @@ from echod.config import Config
 from echod.errors import EchodError
 from echod.listeners import open_listeners
 from echod.master import Master
+from echod.metrics_http import MetricsService
 from echod.pidfile import PidFile
 from echod.scoreboard import Scoreboard, scoreboard_path
 
@@ -27,6 +28,7 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
     pidfile.acquire()  # a second instance fails here, before binding anything
     try:
         listeners = open_listeners(config.addresses, config.backlog)
+        metrics = MetricsService.open(config.metrics_bind)  # a port in use: exit 69 here
         pidfile.write(os.getpid())
         scoreboard = Scoreboard.create(scoreboard_path(pidfile.path))
         master = Master(
@@ -37,6 +39,7 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
             close_in_worker=lambda: os.close(pidfile.fd),
             version=installed_version(),
             code_started=code_started,
+            helpers=[metrics],
         )
         return master.run()
     finally:
