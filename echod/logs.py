@@ -196,6 +196,25 @@ def reopen_log_files() -> None:
             handler.reopen()
 
 
+def stack_dump_path(directory: str, pid: int) -> str:
+    """Where a worker's faulthandler writes its stacks on SIGABRT."""
+    return os.path.join(directory, f"echod-worker-{pid}.stack")
+
+
+def report_stack_dump(directory: str, pid: int, who: str) -> None:
+    """Log (as one line, in the log format) and remove the stack dump a dead worker left."""
+    path = stack_dump_path(directory, pid)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+        os.unlink(path)
+    except OSError:
+        return
+    if text.strip():
+        log.error("%s (pid %d) was aborted; its stacks follow", who, pid,
+                  extra={"fields": {"stack": text.rstrip()}})
+
+
 def log_file_descriptors() -> list[int]:
     """File descriptors of open log files (to keep across daemonizing); the error log first."""
     fds = []

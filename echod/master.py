@@ -240,6 +240,8 @@ class Master:
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         now = time.monotonic()
         lifetime = now - worker.started
+        logs.report_stack_dump(os.path.dirname(self.config.pidfile_path), worker.pid,
+                               f"worker {worker.worker_id}")
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
         how = _describe_exit(status)

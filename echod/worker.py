@@ -128,7 +128,7 @@ class Worker:
         self.signals = SignalQueue(WORKER_SIGNALS)
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-        _enable_stack_dumps()
+        _enable_stack_dumps(self.config)
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
         if os.getppid() != self.identity.master_pid:
@@ -443,10 +443,18 @@ def _recycle_threshold(config: Config, worker_id: int) -> int:
     return config.max_connections_per_child + spread
 
 
-def _enable_stack_dumps() -> None:
-    """On SIGABRT (a hung worker), write every thread's stack to the log, then die."""
-    fds = logs.log_file_descriptors()
-    target = fds[0] if fds else sys.stderr.fileno()
+def _enable_stack_dumps(config: Config) -> None:
+    """On SIGABRT (a hung worker), write every thread's stack, then die.
+
+    The dump goes to a file the master logs, in log_format, when it reaps us
+    (faulthandler writes raw text from C; it could not follow the JSON format).
+    """
+    path = logs.stack_dump_path(os.path.dirname(config.pidfile_path), os.getpid())
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fds = logs.log_file_descriptors()
+        target = fds[0] if fds else sys.stderr.fileno()
     try:
         faulthandler.enable(file=target, all_threads=True)
     except (OSError, ValueError, RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 
@@ -167,6 +168,10 @@ def test_every_line_is_json_with_log_format_json(start_echod) -> None:
         assert idle.recv(1) == b""  # closed by the idle timeout: an access line
     workers = server.wait_workers(2)
     psutil.Process(workers[0]).kill()  # an error line from the master
+    workers = server.wait_workers(2, exclude={workers[0]})
+    # what the master does to a hung worker: SIGABRT makes it dump its stacks
+    os.kill(workers[0], signal.SIGABRT)
+    server.wait_for_log(rf"pid {workers[0]}\) was aborted; its stacks follow")
     server.wait_workers(2, exclude={workers[0]})
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
@@ -184,6 +189,9 @@ def test_every_line_is_json_with_log_format_json(start_echod) -> None:
     roles = {document["worker"] for document in documents}
     assert "master" in roles and any(role.startswith("worker") for role in roles), roles
     assert any(d["level"] == "error" and "SIGKILL" in d["msg"] for d in documents)
+    stacks = [d["fields"]["stack"] for d in documents if "stack" in d.get("fields", {})]
+    assert len(stacks) == 1 and 'File "' in stacks[0], stacks
+    assert not list(server.runtime_dir.glob("*.stack"))  # the master cleans up after workers
     reasons = {d.get("fields", {}).get("reason") for d in documents if d["msg"] == "access"}
     assert {"client_eof", "idle_timeout"} <= reasons, reasons
 
