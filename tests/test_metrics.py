@@ -336,3 +336,38 @@ def test_graceful_stop_ends_the_metrics_process(start_echod) -> None:
     assert server.wait(30) == 0
     _, alive = psutil.wait_procs([metrics], timeout=5)
     assert not alive
+
+
+def test_reload_moves_turns_on_and_keeps_the_endpoint(start_echod, tmp_path) -> None:
+    server = start_echod(config={})  # metrics off
+    assert METRICS.search(server.output) is None
+    config = next(tmp_path.glob("echod-*.toml"))
+    config.write_text('metrics_bind = "127.0.0.1:0"\n')
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    first = server.wait_for_log(METRICS, start=mark).group(1)
+    assert "echod_build_info" in _scrape_text(first)
+    with socket.socket() as taken:  # a reload to a taken port keeps the old endpoint
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config.write_text(f'metrics_bind = "127.0.0.1:{taken.getsockname()[1]}"\n')
+        mark = server.mark()
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"address already in use; metrics stay on 127\.0\.0\.1:0",
+                            start=mark)
+        server.wait_for_log("reload complete", start=mark)
+        assert "echod_build_info" in _scrape_text(first)
+    config.write_text("")
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log("metrics endpoint turned off", start=mark)
+    wait_until(lambda: _metrics_process(server) is None and not _connectable(first), 10,
+               message="the endpoint to go away")
+
+
+def _connectable(address: str) -> bool:
+    try:
+        socket.create_connection(tuple_of(address), timeout=2).close()
+    except OSError:
+        return False
+    return True
