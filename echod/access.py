@@ -74,16 +74,16 @@ class AccessLoggingWorker(Worker):
             return
         assert isinstance(conn, CountedConnection)
         self._settle(conn)  # a handler may close mid-way: count what it moved so far
-        local = _local_address(conn.sock)
-        super()._close(conn, reason)
+        # Logged before the socket closes: once the client sees the close, its line exists.
         access_log.info("access", extra={"fields": {
             "peer": format_peer(conn.peer),
-            "local": local,
+            "local": _local_address(conn.sock),
             "duration": round(time.monotonic() - conn.accepted_at, 6),
             "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out,
             "reason": CLOSE_REASONS.get(reason, reason.name.lower()),
         }})
+        super()._close(conn, reason)
 
 
 def format_peer(address: object) -> str:

@@ -307,9 +307,15 @@ def test_metrics_bind_must_be_tcp(start_echod, tmp_path) -> None:
 
 
 def _metrics_process(server) -> psutil.Process | None:
-    with_title = [child for child in psutil.Process(server.pid).children()
-                  if "echod: metrics" in " ".join(child.cmdline())]
-    return with_title[0] if len(with_title) == 1 else None
+    """The live metrics process, if exactly one."""
+    found = []
+    for child in psutil.Process(server.pid).children():
+        try:
+            if "echod: metrics" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass  # a zombie (just killed) or gone
+    return found[0] if len(found) == 1 else None
 
 
 def test_metrics_process_is_restarted_and_dies_with_the_master(start_echod) -> None:
@@ -371,3 +377,21 @@ def _connectable(address: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_out_of_descriptors_is_counted_and_logged_once(start_echod) -> None:
+    server = start_echod(workers=1, config=CONFIG, nofile=48)
+    watch = MonotonicWatch(_endpoint(server))
+    clients = []
+    try:
+        for _ in range(60):  # more than the worker can hold: accept keeps failing, pausing
+            clients.append(socket.create_connection((server.host, server.port), timeout=5))
+        samples = watch.until(
+            lambda s: value(s, "echod_accept_errors_total", errno="EMFILE") >= 3,
+            "three EMFILE pauses", timeout=8)
+        assert value(samples, "echod_accept_paused_total", reason="out_of_descriptors") >= 3
+        # three or more occurrences within the 10 s window: a single log line
+        assert server.output.count("out of file descriptors") == 1, server.output
+    finally:
+        for sock in clients:
+            sock.close()
