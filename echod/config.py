@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from echod.addresses import Address, parse_address
+from echod.addresses import Address, Transport, parse_address
 from echod.errors import ConfigError
 
 CONFIG_ENV = "ECHOD_CONFIG"
@@ -63,6 +63,19 @@ def _binds(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _http_bind(value: str) -> str | None:
+    """"" (off) or a TCP HOST:PORT / [V6]:PORT for the metrics endpoint."""
+    if not value:
+        return None
+    try:
+        address = parse_address(value)
+    except ValueError as exc:
+        return str(exc)
+    if address.transport is not Transport.TCP:
+        return "must be a TCP HOST:PORT or [V6ADDR]:PORT (or \"\" for off)"
+    return None
+
+
 def _key(kind: type, check: Callable[[Any], str | None] | None = None, **extra: Any) -> Any:
     """A config field: `kind` is the TOML type, `check` returns an error or None."""
     default = extra.pop("default")
@@ -94,6 +107,7 @@ class Config:
     log_file: str = _key(str, default="")
     log_format: str = _key(str, _one_of(LOG_FORMATS), default="text")
     access_log: str = _key(str, default="")
+    metrics_bind: str = _key(str, _http_bind, default="")
 
     @property
     def addresses(self) -> list[Address]:

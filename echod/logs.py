@@ -11,10 +11,18 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from echod.errors import EchodError
 
 LOGGER_NAME = "echod"
 log = logging.getLogger(LOGGER_NAME)
+# One line per finished connection. Its own handler (file or stderr) and level:
+# turning the error log down to "warning" must not silence the access log.
+ACCESS_LOGGER_NAME = "echod.access"
+access_log = logging.getLogger(ACCESS_LOGGER_NAME)
 
 # syslog priorities, for journald's <N> prefixes when stderr is the journal
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
@@ -64,7 +72,12 @@ class TextFormatter(logging.Formatter):
         if extra:
             line += " " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items())
         if record.exc_info and record.levelno >= logging.ERROR:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            if self.journald:  # journald reads each line as an entry: keep its priority
+                trace = trace.replace("\n", "\n" + prefix)
+                line += "\n" + prefix + trace
+            else:
+                line += "\n" + trace
         return line
 
 
@@ -121,18 +134,59 @@ def open_log_file(path: str) -> None:
         pass
 
 
-def setup_logging(level: str = "info", log_file: str = "", log_format: str = "text") -> None:
-    """Replace echod's handlers: stderr (default) or a file, in the chosen format."""
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    handler: logging.Handler
-    handler = ReopenableFileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    journald = not log_file and bool(os.environ.get("JOURNAL_STREAM"))
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(journald))
-    log.addHandler(handler)
+def setup_logging(level: str = "info", log_file: str = "", log_format: str = "text",
+                  access_log_path: str = "") -> None:
+    """Replace echod's handlers: stderr (default) or a file, in the chosen format; and the
+    access log's ("" = off, "-" = stderr), in the same format.
+
+    All or nothing: if a file cannot be opened, EchodError says which and the
+    handlers in place stay (a reload keeps logging where it did).
+    """
+    main = _make_handler(log_file, log_format)
+    try:
+        access = _make_handler(access_log_path, log_format) if access_log_path else None
+    except EchodError:
+        main.close()
+        raise
+    _install(log, main)
     log.setLevel(level.upper())
     log.propagate = False
+    _install(access_log, access)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False  # never into the error log, whatever its level
+
+
+def settings_of(config: Any) -> tuple[str, str, str, str]:
+    """The arguments of :func:`setup_logging` a config asks for (compared on reload)."""
+    return (config.log_level, config.log_file, config.log_format, config.access_log)
+
+
+def _make_handler(path: str, log_format: str) -> logging.Handler:
+    """A handler for `path` ("" or "-" = stderr) in the given format."""
+    to_stderr = not path or path == "-"
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = ReopenableFileHandler(path)
+        except OSError as exc:
+            raise EchodError(f"cannot open log file {path}: {exc.strerror or exc}") from None
+    journald = to_stderr and bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(journald))
+    return handler
+
+
+def _install(logger: logging.Logger, handler: logging.Handler | None) -> None:
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    if handler is not None:
+        logger.addHandler(handler)
+
+
+def _handlers() -> list[logging.Handler]:
+    return [*log.handlers, *access_log.handlers]
 
 
 def flush() -> None:
@@ -141,15 +195,35 @@ def flush() -> None:
 
 
 def reopen_log_files() -> None:
-    for handler in log.handlers:
+    """USR1: re-create moved files (the error log and the access log)."""
+    for handler in _handlers():
         if isinstance(handler, ReopenableFileHandler):
             handler.reopen()
 
 
+def stack_dump_path(directory: str, pid: int) -> str:
+    """Where a worker's faulthandler writes its stacks on SIGABRT."""
+    return os.path.join(directory, f"echod-worker-{pid}.stack")
+
+
+def report_stack_dump(directory: str, pid: int, who: str) -> None:
+    """Log (as one line, in the log format) and remove the stack dump a dead worker left."""
+    path = stack_dump_path(directory, pid)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+        os.unlink(path)
+    except OSError:
+        return
+    if text.strip():
+        log.error("%s (pid %d) was aborted; its stacks follow", who, pid,
+                  extra={"fields": {"stack": text.rstrip()}})
+
+
 def log_file_descriptors() -> list[int]:
-    """File descriptors of open log files (to keep across daemonizing)."""
+    """File descriptors of open log files (to keep across daemonizing); the error log first."""
     fds = []
-    for handler in log.handlers:
+    for handler in _handlers():
         stream = getattr(handler, "stream", None)
         if stream is not None and hasattr(stream, "fileno"):
             try:
@@ -157,3 +231,67 @@ def log_file_descriptors() -> list[int]:
             except (OSError, ValueError):
                 pass
     return fds
+
+
+@dataclass
+class _Window:
+    opened: float
+    suppressed: int = 0
+    # the latest suppressed occurrence, logged by flush() when the window ends quietly
+    last: tuple[int, str, tuple[Any, ...], dict[str, Any]] | None = None
+
+
+@dataclass
+class RateLimitedLog:
+    """Logs a repeated message at most once per ``interval`` seconds per key.
+
+    The first occurrence is logged at once; later ones within the interval are
+    only counted. The next line logged for that key (a fresh occurrence after the
+    interval, or :meth:`flush` once it has passed) carries ``suppressed=N``: how
+    many occurrences were not logged on their own. Not thread-safe (one per loop).
+    """
+
+    logger: logging.Logger
+    interval: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    max_keys: int = 64
+    windows: dict[str, _Window] = field(default_factory=dict)
+
+    def log(self, level: int, msg: str, *args: Any, key: str | None = None,
+            fields: dict[str, Any] | None = None) -> bool:
+        """Log unless suppressed; return whether a line was written."""
+        now = self.clock()
+        key = msg if key is None else key
+        window = self.windows.get(key)
+        if window is not None and now - window.opened < self.interval:
+            window.suppressed += 1
+            window.last = (level, msg, args, dict(fields or {}))
+            return False
+        self._emit(level, msg, args, dict(fields or {}), window.suppressed if window else 0)
+        self.windows.pop(key, None)
+        self.windows[key] = _Window(now)
+        while len(self.windows) > self.max_keys:  # bounded: forget the oldest key
+            del self.windows[next(iter(self.windows))]
+        return True
+
+    def flush(self) -> None:
+        """Report occurrences held back by windows that have ended (call it now and then)."""
+        if not self.windows:
+            return
+        now = self.clock()
+        for key, window in list(self.windows.items()):
+            if now - window.opened < self.interval:
+                continue
+            if window.suppressed and window.last is not None:
+                level, msg, args, extra = window.last
+                self._emit(level, msg, args, extra, window.suppressed)
+                # a fresh window: a steady stream still yields one line per interval
+                self.windows[key] = _Window(now)
+            else:
+                del self.windows[key]
+
+    def _emit(self, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any],
+              suppressed: int) -> None:
+        if suppressed:
+            extra["suppressed"] = suppressed
+        self.logger.log(level, msg, *args, extra={"fields": extra} if extra else None)

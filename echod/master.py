@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psutil
 
@@ -68,6 +69,30 @@ class Hooks:
     on_tick: Callable[[Master], None] = lambda master: None
 
 
+class Helper(Protocol):
+    """A process the master keeps running beside the workers (the metrics endpoint)."""
+
+    def supervise(self, master: Master, now: float) -> None:
+        """Every loop iteration: start (or restart) the process when needed."""
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        """A child that is not a worker was reaped; return True if it was ours."""
+        return False
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: close what the helper holds open."""
+
+    def stop(self) -> None:
+        """The master is leaving."""
+
+    def listeners(self) -> list[Listener]:
+        """Sockets the helper holds, to hand over across an in-place upgrade."""
+        return []
+
+    def before_exec(self) -> None:
+        """The master is about to re-execute itself: stop the helper's process."""
+
+
 @dataclass
 class Master:
     config: Config
@@ -80,6 +105,8 @@ class Master:
     version: str = ""
     code_started: float = 0.0
     handoff: Handoff | None = None  # set when this image was started by an upgrade
+    helpers: list[Helper] = field(default_factory=list)
+    default_log_file: str = ""  # where logs go when the config names no file (daemon mode)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -188,6 +215,8 @@ class Master:
             self._spawn_missing(now)
             self._finish_generation_switch()
             self._announce_ready_once()
+        for helper in self.helpers:
+            helper.supervise(self, now)
         self.hooks.on_tick(self)
 
     # -- spawning ------------------------------------------------------------------
@@ -232,6 +261,8 @@ class Master:
             self.signals.close()
             os.close(self.alive_write)
             self.close_in_worker()
+            for helper in self.helpers:
+                helper.close_in_child()
             slot = WorkerSlot(self.scoreboard, identity.worker_id - 1)
             start_worker(self.config, self.listeners, slot, identity, self.alive_read)
         except BaseException:
@@ -252,12 +283,17 @@ class Master:
                 continue
             worker = self.workers.pop(pid, None)
             if worker is None:
+                for helper in self.helpers:
+                    if helper.child_exited(pid, status):
+                        break
                 continue  # some other helper child
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         now = time.monotonic()
         lifetime = now - worker.started
+        logs.report_stack_dump(os.path.dirname(self.config.pidfile_path), worker.pid,
+                               f"worker {worker.worker_id}")
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
         how = _describe_exit(status)
@@ -361,9 +397,11 @@ class Master:
             log.info("no longer listening on %s", listener.bound)
             listener.close()
         self.listeners = change.listeners
-        if (new_config.log_level, new_config.log_file, new_config.log_format) != (
-                self.config.log_level, self.config.log_file, self.config.log_format):
-            logs.setup_logging(new_config.log_level, new_config.log_file, new_config.log_format)
+        if self._log_settings(new_config) != self._log_settings(self.config):
+            try:
+                logs.setup_logging(*self._log_settings(new_config))
+            except EchodError as exc:
+                log.error("reload: %s; logging stays as it was", exc)
         self.config = new_config
         self.desired = new_config.workers
         self.generation += 1
@@ -417,6 +455,10 @@ class Master:
             for worker in waiting:
                 self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
                 self._retire(worker)
+
+    def _log_settings(self, config: Config) -> tuple[str, str, str, str]:
+        level, log_file, log_format, access_log = logs.settings_of(config)
+        return level, log_file or self.default_log_file, log_format, access_log
 
     def _sample_memory(self, now: float) -> None:
         """Recycle workers whose unique memory (USS) exceeds max_worker_memory."""
@@ -481,10 +523,16 @@ class Master:
                      for w in self.workers.values()],
             activated=[str(lst.address) for lst in self.listeners if lst.activated],
         )
+        for helper in self.helpers:
+            for listener in helper.listeners():
+                handoff.metrics_bind = str(listener.address)
+                handoff.metrics_fd = listener.fileno()
         log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", self.pid)
         logs.flush()
         keep = [*handoff.listener_fds.values(), handoff.pidfile_fd, self.alive_read,
-                self.alive_write]
+                self.alive_write, *([handoff.metrics_fd] if handoff.metrics_bind else [])]
+        for helper in self.helpers:
+            helper.before_exec()
         try:
             exec_new_image(handoff, keep, MASTER_SIGNALS)
         except OSError as exc:
@@ -512,6 +560,8 @@ class Master:
             self._retire(worker, graceful)
 
     def _cleanup(self) -> None:
+        for helper in self.helpers:
+            helper.stop()
         for listener in self.listeners:
             listener.close()
         self.scoreboard.unlink()

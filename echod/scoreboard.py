@@ -58,6 +58,11 @@ class Counter(IntEnum):
     CLOSED_RESET = 18
     CLOSED_EOF = 19
     CLOSED_SHUTDOWN = 20
+    ACCEPT_EMFILE = 21  # accept() failures by errno (the EMFILE family pauses accepting)
+    ACCEPT_ENFILE = 22
+    ACCEPT_ENOMEM = 23  # ENOMEM or ENOBUFS
+    ACCEPT_ABORTED = 24  # ECONNABORTED or EPROTO: the client left before accept()
+    ACCEPT_OTHER = 25
 
 
 class MasterCounter(IntEnum):
@@ -79,6 +84,10 @@ NUM_MASTER_COUNTERS = 16
 _HEADER = struct.Struct(f"<8siIIdd32s{NUM_COUNTERS}Q")
 _MASTER_COUNTERS = struct.Struct(f"<{NUM_MASTER_COUNTERS}Q")
 _MASTER_COUNTERS_OFFSET = 384
+# Even: the retired totals and the slots agree; odd: a fold is under way. Readers
+# that sum retired + live counters retry on change, so totals never go backwards.
+_FOLD_SEQUENCE = struct.Struct("<Q")
+_FOLD_SEQUENCE_OFFSET = 376
 HEADER_SIZE = 512
 # pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
 _SLOT_HEAD = struct.Struct("<iIBxHddI4x")
@@ -89,7 +98,8 @@ _HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
 _STATE_OFFSET = 8
 _ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
 
-assert _HEADER.size <= _MASTER_COUNTERS_OFFSET
+assert _HEADER.size <= _FOLD_SEQUENCE_OFFSET
+assert _FOLD_SEQUENCE_OFFSET + _FOLD_SEQUENCE.size <= _MASTER_COUNTERS_OFFSET
 assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
 assert _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
 
@@ -202,13 +212,36 @@ class Scoreboard:
                            retired=view.retired)
 
     def fold_into_retired(self, index: int) -> None:
-        """Keep a reaped worker's totals so that counters survive restarts."""
+        """Keep a reaped worker's totals so that counters survive restarts.
+
+        The slot's counters move into the header in one step as readers see it
+        (see :meth:`snapshot`): never counted twice, never missing.
+        """
+        sequence = self._fold_sequence()
+        _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 1)
         view = self.master()
         slot = self.slot(index)
         retired = tuple(a + b for a, b in zip(view.retired, slot.counters, strict=True))
         self._write_header(master_pid=view.pid, generation=view.generation,
                            code_started=view.code_started, master_started=view.master_started,
                            version=view.version, retired=retired)
+        _COUNTERS.pack_into(self.buffer, self._offset(index) + _SLOT_HEAD.size,
+                            *((0,) * NUM_COUNTERS))
+        _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 2)
+
+    def _fold_sequence(self) -> int:
+        return int(_FOLD_SEQUENCE.unpack_from(self.buffer, _FOLD_SEQUENCE_OFFSET)[0])
+
+    def snapshot(self, attempts: int = 1000) -> tuple[MasterView, list[SlotView]]:
+        """The header and the slots in use, read between folds (for summing totals)."""
+        for _ in range(attempts):
+            before = self._fold_sequence()
+            if before % 2 == 0:
+                master, slots = self.master(), self.slots()
+                if self._fold_sequence() == before:
+                    return master, slots
+            time.sleep(0.0001)  # the master is mid-fold: microseconds
+        return self.master(), self.slots()  # best effort; never reached in practice
 
     # -- slots --------------------------------------------------------------------
     @staticmethod

@@ -17,11 +17,13 @@ import os
 import time
 
 from echod import installed_version, logs
+from echod.addresses import parse_address
 from echod.config import Config
 from echod.daemonize import ReadinessReporter, launch_daemon
 from echod.errors import EchodError
 from echod.listeners import Listener, adopt_sockets, open_listeners, take_activated_sockets
 from echod.master import Hooks, Master
+from echod.metrics_http import MetricsService
 from echod.pidfile import PidFile
 from echod.privileges import chown_for, drop_privileges, resolve_identity
 from echod.scoreboard import Scoreboard, State, scoreboard_path
@@ -50,6 +52,7 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
             os.chdir("/")  # a daemon again, like the image it replaced
         pidfile = PidFile.adopt(config.pidfile_path, handoff.pidfile_fd)
         listeners = _take_over_listeners(config, handoff)
+        metrics = _take_over_metrics(handoff)
         scoreboard = Scoreboard.attach(scoreboard_path(str(pidfile.path)))
     else:
         if config.user or config.group:
@@ -59,12 +62,13 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
         pidfile.acquire()  # a second instance fails here, before binding anything
         try:
             listeners = _open_all_listeners(config)
+            metrics = MetricsService.open(config.metrics_bind)  # a port in use: exit 69 here
         except BaseException:
             pidfile.release()
             raise
     reporter: ReadinessReporter | None = None
     if daemon_mode:
-        keep = [listener.fileno() for listener in listeners]
+        keep = [listener.fileno() for listener in [*listeners, *metrics.listeners()]]
         reporter = launch_daemon(files_preserve=[*keep, pidfile.keep_across_exec(),
                                                  *logs.log_file_descriptors()],
                                  umask=config.umask)
@@ -75,7 +79,7 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
             scoreboard = Scoreboard.create(scoreboard_path(str(pidfile.path)))
             _drop_privileges(config, log_file, scoreboard)
         code = _run_master(config, source, listeners, scoreboard, pidfile, reporter,
-                           handoff, code_started)
+                           handoff, code_started, metrics, log_file)
     except EchodError as exc:
         if reporter is not None:
             reporter.failed(exc.exit_code, f"echod: {exc}")
@@ -89,7 +93,8 @@ def serve(config: Config, source: object, *, foreground: bool, code_started: flo
 
 def _run_master(config: Config, source: object, listeners: list[Listener],
                 scoreboard: Scoreboard, pidfile: PidFile, reporter: ReadinessReporter | None,
-                handoff: Handoff | None, code_started: float) -> int:
+                handoff: Handoff | None, code_started: float, metrics: MetricsService,
+                log_file: str) -> int:
     notifier = Notifier.from_environ()
 
     def in_worker() -> None:
@@ -109,6 +114,8 @@ def _run_master(config: Config, source: object, listeners: list[Listener],
         version=installed_version(),
         code_started=code_started,
         handoff=handoff,
+        helpers=[metrics],
+        default_log_file=log_file if not config.log_file else "",
     )
     return master.run()
 
@@ -154,7 +161,7 @@ def _status_line(master: Master) -> str:
 
 def _setup_logging(config: Config, log_file: str) -> None:
     try:
-        logs.setup_logging(config.log_level, log_file, config.log_format)
+        logs.setup_logging(config.log_level, log_file, config.log_format, config.access_log)
     except OSError as exc:
         raise EchodError(f"cannot open log file {log_file}: {exc.strerror}") from None
 
@@ -167,6 +174,14 @@ def _open_all_listeners(config: Config) -> list[Listener]:
         if listener.address in activated:
             listener.activated = True
     return listeners + extra
+
+
+def _take_over_metrics(handoff: Handoff) -> MetricsService:
+    if not handoff.metrics_bind:
+        return MetricsService()
+    (sock,) = adopt_sockets({handoff.metrics_bind: handoff.metrics_fd}).values()
+    return MetricsService(bind=handoff.metrics_bind,
+                          listener=Listener(parse_address(handoff.metrics_bind), sock))
 
 
 def _take_over_listeners(config: Config, handoff: Handoff) -> list[Listener]:

@@ -52,6 +52,8 @@ class Handoff:
     desired: int
     workers: list[AdoptedWorker] = field(default_factory=list)
     activated: list[str] = field(default_factory=list)  # systemd's sockets, by address
+    metrics_bind: str = ""  # the metrics endpoint's socket, if one is open
+    metrics_fd: int = -1
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

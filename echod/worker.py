@@ -38,6 +38,12 @@ READ_BUFFER_SIZE = 256 * 1024
 DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), before close
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+ACCEPT_ERROR_COUNTERS = {
+    errno.EMFILE: Counter.ACCEPT_EMFILE, errno.ENFILE: Counter.ACCEPT_ENFILE,
+    errno.ENOMEM: Counter.ACCEPT_ENOMEM, errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
+    errno.ECONNABORTED: Counter.ACCEPT_ABORTED, errno.EPROTO: Counter.ACCEPT_ABORTED,
+}
+ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 UDP_REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})
@@ -69,6 +75,8 @@ class WorkerIdentity:
 
 
 class Worker:
+    connection_class: type[Connection] = Connection  # the access log counts bytes in a subclass
+
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
                  identity: WorkerIdentity, master_alive_fd: int) -> None:
         self.config = config
@@ -96,7 +104,7 @@ class Worker:
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
         self.next_housekeeping = 0.0
-        self.emfile_last_logged = 0.0
+        self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
 
     # -- life cycle ----------------------------------------------------------------
@@ -112,6 +120,8 @@ class Worker:
             log.critical("worker crashed", exc_info=True)
             os._exit(exitcodes.FAILURE)
         self._close_all(Counter.CLOSED_SHUTDOWN)
+        self._publish(time.monotonic())  # final counters: the master folds them in on reap
+        self.error_log.flush()
         log.info("worker exiting")
         logging.shutdown()
         os._exit(exitcodes.OK)
@@ -122,7 +132,7 @@ class Worker:
         self.signals = SignalQueue(WORKER_SIGNALS)
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-        _enable_stack_dumps()
+        _enable_stack_dumps(self.config)
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
         if os.getppid() != self.identity.master_pid:
@@ -179,17 +189,21 @@ class Worker:
         if not self.accepting and not self.draining and not self.capacity_paused \
                 and now >= self.accept_resume_at:
             self._resume_accepting()
-        counters = self.counters
-        counters[Counter.ACCEPTED] = self.accepted
-        counters[Counter.BYTES_IN] = self.bytes_in
-        counters[Counter.BYTES_OUT] = self.bytes_out
-        self.slot.publish(now, len(self.connections), counters)
+        self._publish(now)
+        self.error_log.flush()
         next_tick = now + self.heartbeat_interval
         if self.idle_queue:
             next_tick = min(next_tick, self.idle_queue[0][0])
         if not self.accepting and self.accept_resume_at > now:
             next_tick = min(next_tick, self.accept_resume_at)
         self.next_housekeeping = next_tick
+
+    def _publish(self, now: float) -> None:
+        counters = self.counters
+        counters[Counter.ACCEPTED] = self.accepted
+        counters[Counter.BYTES_IN] = self.bytes_in
+        counters[Counter.BYTES_OUT] = self.bytes_out
+        self.slot.publish(now, len(self.connections), counters)
 
     def _on_signals(self) -> None:
         assert self.signals is not None
@@ -257,16 +271,20 @@ class Worker:
             except BlockingIOError:
                 return
             except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
                 if exc.errno in FD_EXHAUSTED:
                     self._out_of_descriptors(exc, now)
                 elif exc.errno not in ACCEPT_TRANSIENT:
                     self.counters[Counter.ERRORS] += 1
-                    log.warning("accept on %s failed: %s", listener.bound, exc.strerror)
+                    self.error_log.log(logging.WARNING, "accept on %s failed: %s",
+                                       listener.bound, exc.strerror,
+                                       key=f"accept {listener.bound} {exc.errno}")
                 return
             client.setblocking(False)
             if tcp:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(client, peer, now)
+            conn = self.connection_class(client, peer, now)
             connections[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             if self.config.idle_timeout:
@@ -287,11 +305,9 @@ class Worker:
         self.accept_resume_at = now + EMFILE_PAUSE
         self.next_housekeeping = min(self.next_housekeeping, self.accept_resume_at)
         self.counters[Counter.ACCEPT_PAUSED_EMFILE] += 1
-        if now - self.emfile_last_logged >= 10:
-            self.emfile_last_logged = now
-            log.warning("out of file descriptors (%s) with %d connection(s) open: "
-                        "pausing accept for %.1fs", exc.strerror, len(self.connections),
-                        EMFILE_PAUSE)
+        self.error_log.log(logging.WARNING, "out of file descriptors (%s) with %d connection(s) "
+                           "open: pausing accept for %.1fs", exc.strerror, len(self.connections),
+                           EMFILE_PAUSE, key="out of file descriptors")
 
     # -- echoing ---------------------------------------------------------------------
     def _on_readable(self, conn: Connection, now: float) -> None:
@@ -442,10 +458,18 @@ def _recycle_threshold(config: Config, worker_id: int) -> int:
     return config.max_connections_per_child + spread
 
 
-def _enable_stack_dumps() -> None:
-    """On SIGABRT (a hung worker), write every thread's stack to the log, then die."""
-    fds = logs.log_file_descriptors()
-    target = fds[0] if fds else sys.stderr.fileno()
+def _enable_stack_dumps(config: Config) -> None:
+    """On SIGABRT (a hung worker), write every thread's stack, then die.
+
+    The dump goes to a file the master logs, in log_format, when it reaps us
+    (faulthandler writes raw text from C; it could not follow the JSON format).
+    """
+    path = logs.stack_dump_path(os.path.dirname(config.pidfile_path), os.getpid())
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fds = logs.log_file_descriptors()
+        target = fds[0] if fds else sys.stderr.fileno()
     try:
         faulthandler.enable(file=target, all_threads=True)
     except (OSError, ValueError, RuntimeError):
@@ -458,4 +482,9 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    Worker(config, listeners, slot, identity, master_alive_fd).run()
+    worker_class = Worker
+    if config.access_log:  # decided once: without an access log the hot path pays nothing
+        from echod.access import AccessLoggingWorker
+
+        worker_class = AccessLoggingWorker
+    worker_class(config, listeners, slot, identity, master_alive_fd).run()

@@ -182,6 +182,8 @@ class EchodProcess:
 
 def _is_worker(proc: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
+        if "echod: metrics" in " ".join(proc.cmdline()):
+            return False  # the metrics endpoint's process is a child too, not a worker
         return proc.status() != psutil.STATUS_ZOMBIE
     return False
 
