@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from echod import exitcodes, logs, procname
+from echod.admission import SharedLimits
 from echod.config import Config
 from echod.errors import EchodError
 from echod.listeners import Listener, reconcile
@@ -73,6 +74,8 @@ class Master:
     close_in_worker: Callable[[], None] = lambda: None
     version: str = ""
     code_started: float = 0.0
+    # created here, before any fork, so that every worker maps the same pages
+    limits: SharedLimits = field(default_factory=SharedLimits)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -192,7 +195,8 @@ class Master:
             os.close(self.alive_write)
             self.close_in_worker()
             slot = WorkerSlot(self.scoreboard, identity.worker_id - 1)
-            start_worker(self.config, self.listeners, slot, identity, self.alive_read)
+            start_worker(self.config, self.listeners, slot, identity, self.alive_read,
+                         self.limits)
         except BaseException:
             log.exception("worker %d failed to start", identity.worker_id)
         os._exit(exitcodes.WORKER_BOOT_FATAL)
@@ -216,6 +220,8 @@ class Master:
         lifetime = now - worker.started
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
+        # its connections are gone, however it died: stop counting them against the limits
+        self.limits.forget_worker(worker.slot, (w.slot for w in self.workers.values()))
         how = _describe_exit(status)
         expected = worker.retiring or self.stopping
         if expected:

@@ -57,6 +57,7 @@ class Counter(IntEnum):
     CLOSED_RESET = 18
     CLOSED_EOF = 19
     CLOSED_SHUTDOWN = 20
+    UDP_DROPPED_RATE_TOTAL = 21  # over udp_rate_total (UDP_DROPPED_RATE: per source)
 
 
 class MasterCounter(IntEnum):
