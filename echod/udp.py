@@ -59,6 +59,7 @@ _ERRORS = int(Counter.ERRORS)
 
 # first octets of IPv4 sources that are never unicast senders
 _NOT_UNICAST_V4 = frozenset(str(octet) for octet in (0, *range(224, 256)))
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 # host, now -> 0 (pass) or the counter index of the reason to drop
 SourceCheck = Callable[[str, float], int]
@@ -73,8 +74,10 @@ def is_unicast_source_v6(host: str) -> bool:
         return False  # ff00::/8: a first group of four digits starting ff
     if host == "::":
         return False
-    if host.startswith("::ffff:") and "." in host:
-        return is_unicast_source_v4(host[7:])  # IPv4 client of a dual-stack socket
+    if host.startswith("::ffff:"):  # maybe an IPv4 client of a dual-stack socket
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        if packed[:12] == _V4_MAPPED_PREFIX:
+            return is_unicast_source_v4(socket.inet_ntoa(packed[12:]))
     return True
 
 
