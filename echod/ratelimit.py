@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import struct
 import sys
+from collections.abc import Callable
 
 WAYS = 8
 SETS = 8192  # 65536 sources tracked at once; a power of two
@@ -55,40 +56,69 @@ class SharedBuckets:
 
     def admit_source(self, key: int, now: float, rate: float, burst: float) -> bool:
         """Take one token from the bucket of `key` (any int: a hash of the source)."""
-        buffer = self.buffer
-        key &= _KEY_MASK
-        base = HEADER_SIZE + (key & (SETS - 1)) * SET_SIZE
-        try:
-            way = _KEYS.unpack_from(buffer, base).index(key)
-        except ValueError:
-            # a source we do not know (or forgot): it starts with a full bucket
-            pairs = _PAIRS.unpack_from(buffer, base + WAYS * 8)
-            lasts = pairs[1::2]
-            way = lasts.index(min(lasts))
-            _KEY.pack_into(buffer, base + way * 8, key)
-            _PAIR.pack_into(buffer, base + WAYS * 8 + way * 16, burst - 1.0, now)
-            return True
-        return _take(buffer, base + WAYS * 8 + way * 16, now, rate, burst)
+        return self.source_limiter(rate, burst)(key, now)
 
     def admit_global(self, now: float, rate: float, burst: float) -> bool:
-        return _take(self.buffer, _GLOBAL_OFFSET, now, rate, burst)
+        return self.global_limiter(rate, burst)(now)
 
+    def source_limiter(self, rate: float, burst: float) -> Callable[[int, float], bool]:
+        """admit(key, now): the per-source check with everything it needs bound
+        locally (it runs for every datagram)."""
+        buffer = self.buffer
+        unpack_keys, unpack_pairs = _KEYS.unpack_from, _PAIRS.unpack_from
+        unpack_pair, pack_pair, pack_key = _PAIR.unpack_from, _PAIR.pack_into, _KEY.pack_into
+        key_mask, set_mask = _KEY_MASK, SETS - 1
 
-def _take(buffer: mmap.mmap, offset: int, now: float, rate: float, burst: float) -> bool:
-    tokens, last = _PAIR.unpack_from(buffer, offset)
-    elapsed = now - last
-    if elapsed > 0.0:
-        # min() also turns a NaN from a torn read into a full bucket rather than an error
-        tokens = min(burst, tokens + elapsed * rate)
-        last = now
-    elif elapsed != elapsed:
-        tokens, last = burst, now  # NaN: only a torn write makes one; start afresh
-    elif tokens > burst:
-        tokens = burst  # the limits shrank on reload
-    if tokens < 1.0:
-        return False  # nothing written: the next packet recomputes from the same `last`
-    _PAIR.pack_into(buffer, offset, tokens - 1.0, last)
-    return True
+        def admit(key: int, now: float) -> bool:
+            key &= key_mask
+            base = HEADER_SIZE + (key & set_mask) * SET_SIZE
+            try:
+                offset = base + WAYS * 8 + unpack_keys(buffer, base).index(key) * 16
+            except ValueError:
+                # a source we do not know (or forgot): it starts with a full bucket
+                lasts = unpack_pairs(buffer, base + WAYS * 8)[1::2]
+                way = lasts.index(min(lasts))
+                pack_key(buffer, base + way * 8, key)
+                pack_pair(buffer, base + WAYS * 8 + way * 16, burst - 1.0, now)
+                return True
+            tokens, last = unpack_pair(buffer, offset)
+            elapsed = now - last
+            if elapsed > 0.0:
+                # min() also turns a NaN from a torn read into a full bucket
+                tokens = min(burst, tokens + elapsed * rate)
+                last = now
+            elif elapsed != elapsed:
+                tokens, last = burst, now  # NaN: only a torn write makes one; start afresh
+            elif tokens > burst:
+                tokens = burst  # the limits shrank on reload
+            if tokens < 1.0:
+                return False  # nothing written: the next packet recomputes from `last`
+            pack_pair(buffer, offset, tokens - 1.0, last)
+            return True
+
+        return admit
+
+    def global_limiter(self, rate: float, burst: float) -> Callable[[float], bool]:
+        """admit(now): one bucket for the whole server."""
+        buffer = self.buffer
+        unpack_pair, pack_pair = _PAIR.unpack_from, _PAIR.pack_into
+
+        def admit(now: float) -> bool:
+            tokens, last = unpack_pair(buffer, _GLOBAL_OFFSET)
+            elapsed = now - last
+            if elapsed > 0.0:
+                tokens = min(burst, tokens + elapsed * rate)
+                last = now
+            elif elapsed != elapsed:
+                tokens, last = burst, now
+            elif tokens > burst:
+                tokens = burst
+            if tokens < 1.0:
+                return False
+            pack_pair(buffer, _GLOBAL_OFFSET, tokens - 1.0, last)
+            return True
+
+        return admit
 
 
 def source_key(host: str) -> int:

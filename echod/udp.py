@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
-from echod.ratelimit import SharedBuckets, source_key
+from echod.ratelimit import SharedBuckets
 from echod.scoreboard import Counter
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
@@ -87,18 +87,20 @@ def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceC
     permits = policy.permits if policy else None
     rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
     total = float(config.udp_rate_total)
-    admit_source = buckets.admit_source if buckets is not None and rate else None
-    admit_global = buckets.admit_global if buckets is not None and total else None
+    admit_source = buckets.source_limiter(rate, burst) if buckets is not None and rate else None
+    # the whole server's budget, bursting up to one second's worth
+    admit_global = buckets.global_limiter(total, total) if buckets is not None and total \
+        else None
     if permits is None and admit_source is None and admit_global is None:
         return None
 
     def check(host: str, now: float) -> int:
         if permits is not None and not permits(host):
             return _DROPPED_ADDRESS
-        if admit_source is not None and not admit_source(source_key(host), now, rate, burst):
+        # hash(): keyed per master boot, the same in all its workers (see source_key)
+        if admit_source is not None and not admit_source(hash(host), now):
             return _DROPPED_RATE
-        # the whole server's budget, bursting up to one second's worth
-        if admit_global is not None and not admit_global(now, total, total):
+        if admit_global is not None and not admit_global(now):
             return _DROPPED_RATE_TOTAL
         return 0
 
