@@ -61,7 +61,7 @@ def connect_from(server: EchodProcess, source: str = "127.0.0.1",
                  timeout: float = 10.0) -> socket.socket:
     """A connected socket. A refusal may come so fast (loopback, RST at accept) that it
     lands before connect() returns; the socket is then handed back closed."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
     sock.settimeout(timeout)
     sock.bind((source, 0))
     try:

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 from abuse_helpers import connect_from, is_served, wait_counter
-from conftest import child_env, echod_command, wait_until
+from conftest import child_env, echod_command, ipv6_available, wait_until
 
 from echod.scoreboard import Counter
 
@@ -22,6 +22,15 @@ def test_deny_list_refuses_at_once_and_others_are_served(start_echod) -> None:
     with connect_from(server, "127.0.0.2") as denied, connect_from(server) as allowed:
         assert not is_served(denied)
         assert is_served(allowed)
+    assert wait_counter(server, Counter.REJECTED_DENIED, 1) == 1
+
+
+def test_lists_apply_to_ipv6_clients(start_echod) -> None:
+    if not ipv6_available():
+        pytest.skip("no IPv6 loopback")
+    server = start_echod(bind=["[::1]:0"], config={"deny": ["::1/128"]})
+    with connect_from(server, "::1") as denied:
+        assert not is_served(denied)
     assert wait_counter(server, Counter.REJECTED_DENIED, 1) == 1
 
 
