@@ -21,7 +21,7 @@ counted by reason:
    is not filtered; the kernel drops such martians on input anyway;
 3. ``allow`` / ``deny`` (when configured);
 4. the per-source token bucket, then the global one (when configured; shared by
-   every worker, see ``ratelimit``).
+   every worker and exact, see ``ratelimit``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
-from echod.ratelimit import SharedBuckets
+from echod.ratelimit import ADMIT, OVER_SOURCE_RATE, OVER_TOTAL_RATE, SharedBuckets
 from echod.scoreboard import Counter
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
@@ -87,21 +87,18 @@ def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceC
     permits = policy.permits if policy else None
     rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
     total = float(config.udp_rate_total)
-    admit_source = buckets.source_limiter(rate, burst) if buckets is not None and rate else None
-    # the whole server's budget, bursting up to one second's worth
-    admit_global = buckets.global_limiter(total, total) if buckets is not None and total \
-        else None
-    if permits is None and admit_source is None and admit_global is None:
+    limiter = buckets.limiter(rate, burst, total, total) if buckets is not None and (
+        rate or total) else None  # the global bucket bursts up to one second's worth
+    if permits is None and limiter is None:
         return None
+    drop_reasons = {OVER_SOURCE_RATE: _DROPPED_RATE, OVER_TOTAL_RATE: _DROPPED_RATE_TOTAL}
 
     def check(host: str, now: float) -> int:
         if permits is not None and not permits(host):
             return _DROPPED_ADDRESS
         # hash(): keyed per master boot, the same in all its workers (see source_key)
-        if admit_source is not None and not admit_source(hash(host), now):
-            return _DROPPED_RATE
-        if admit_global is not None and not admit_global(now):
-            return _DROPPED_RATE_TOTAL
+        if limiter is not None and (verdict := limiter(hash(host), now)) != ADMIT:
+            return drop_reasons[verdict]
         return 0
 
     return check
