@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from echod.addresses import Address, Transport, parse_address
+from echod.cidr import networks_problem
 from echod.errors import ConfigError
 
 CONFIG_ENV = "ECHOD_CONFIG"
@@ -76,10 +77,16 @@ def _http_bind(value: str) -> str | None:
     return None
 
 
+def _ports(value: tuple[int, ...]) -> str | None:
+    bad = [port for port in value if not 0 <= port <= 65535]
+    return f"{bad[0]} is not a port number (0-65535)" if bad else None
+
+
 def _key(kind: type, check: Callable[[Any], str | None] | None = None, **extra: Any) -> Any:
-    """A config field: `kind` is the TOML type, `check` returns an error or None."""
+    """A config field: `kind` is the TOML type (`item`: of a list's items, default str),
+    `check` returns an error or None."""
     default = extra.pop("default")
-    metadata = {"kind": kind, "check": check}
+    metadata = {"kind": kind, "check": check, "item": extra.pop("item", str)}
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -108,6 +115,16 @@ class Config:
     log_format: str = _key(str, _one_of(LOG_FORMATS), default="text")
     access_log: str = _key(str, default="")
     metrics_bind: str = _key(str, _http_bind, default="")
+    # abuse resistance (see README, "UDP and abuse resistance")
+    allow: tuple[str, ...] = _key(list, networks_problem, default=())
+    deny: tuple[str, ...] = _key(list, networks_problem, default=())
+    max_connections_per_ip: int = _key(int, _between(0, 65535), default=0)
+    max_connections_total: int = _key(int, _between(0, 1 << 31), default=0)
+    max_connection_lifetime: float = _key(float, _non_negative, default=0.0)
+    udp_deny_source_ports: tuple[int, ...] = _key(list, _ports, item=int, default=())
+    udp_rate_per_source: int = _key(int, _between(0, 10_000_000), default=100)
+    udp_burst_per_source: int = _key(int, _between(1, 10_000_000), default=200)
+    udp_rate_total: int = _key(int, _between(0, 100_000_000), default=10000)
 
     @property
     def addresses(self) -> list[Address]:
@@ -160,6 +177,13 @@ def coerce(name: str, value: Any, origin: str) -> Any:
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{origin}: {name} must be a string, not {value!r}")
+    elif kind is list and meta["item"] is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{origin}: {name} must be a list of integers, not {value!r}")
+        value = tuple(value)
     elif kind is list:
         if isinstance(value, str):
             value = [value]
@@ -184,7 +208,13 @@ def parse_env_value(name: str, text: str) -> Any:
     except ValueError:
         return text  # coerce() reports it with the key's name
     if kind is list:
-        return [item for item in (part.strip() for part in text.split(",")) if item]
+        items = [item for item in (part.strip() for part in text.split(",")) if item]
+        if KEYS[name].metadata["item"] is int:
+            try:
+                return [int(item, 0) for item in items]
+            except ValueError:
+                return items  # coerce() reports it with the key's name
+        return items
     return text
 
 

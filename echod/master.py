@@ -21,6 +21,7 @@ from typing import Protocol
 import psutil
 
 from echod import exitcodes, logs, procname
+from echod.admission import SharedLimits
 from echod.config import Config
 from echod.errors import EchodError
 from echod.listeners import Listener, reconcile
@@ -107,6 +108,8 @@ class Master:
     handoff: Handoff | None = None  # set when this image was started by an upgrade
     helpers: list[Helper] = field(default_factory=list)
     default_log_file: str = ""  # where logs go when the config names no file (daemon mode)
+    # created here, before any fork, so that every worker maps the same pages
+    limits: SharedLimits = field(default_factory=SharedLimits)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -264,7 +267,8 @@ class Master:
             for helper in self.helpers:
                 helper.close_in_child()
             slot = WorkerSlot(self.scoreboard, identity.worker_id - 1)
-            start_worker(self.config, self.listeners, slot, identity, self.alive_read)
+            start_worker(self.config, self.listeners, slot, identity, self.alive_read,
+                         self.limits)
         except BaseException:
             log.exception("worker %d failed to start", identity.worker_id)
         os._exit(exitcodes.WORKER_BOOT_FATAL)
@@ -296,6 +300,8 @@ class Master:
                                f"worker {worker.worker_id}")
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
+        # its connections are gone, however it died: stop counting them against the limits
+        self.limits.forget_worker(worker.slot, (w.slot for w in self.workers.values()))
         how = _describe_exit(status)
         expected = worker.retiring or self.stopping
         if expected:

@@ -34,8 +34,10 @@ UDP_RESULTS = {
     "dropped_reflector_port": Counter.UDP_DROPPED_PORT,
     "dropped_source_address": Counter.UDP_DROPPED_ADDRESS,
     "dropped_rate_limit": Counter.UDP_DROPPED_RATE,
+    "dropped_total_rate_limit": Counter.UDP_DROPPED_RATE_TOTAL,
 }
-REJECTIONS = {"denied": Counter.REJECTED_DENIED, "per_ip_limit": Counter.REJECTED_PER_IP}
+REJECTIONS = {"denied": Counter.REJECTED_DENIED, "per_ip_limit": Counter.REJECTED_PER_IP,
+              "total_limit": Counter.REJECTED_TOTAL}
 RESTARTS = {
     "crashed": MasterCounter.RESTARTS_CRASHED,
     "timeout": MasterCounter.RESTARTS_TIMEOUT,

@@ -63,6 +63,7 @@ class Counter(IntEnum):
     ACCEPT_ENOMEM = 23  # ENOMEM or ENOBUFS
     ACCEPT_ABORTED = 24  # ECONNABORTED or EPROTO: the client left before accept()
     ACCEPT_OTHER = 25
+    UDP_DROPPED_RATE_TOTAL = 26  # over udp_rate_total (UDP_DROPPED_RATE: per source)
 
 
 class MasterCounter(IntEnum):

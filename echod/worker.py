@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname
+from echod.admission import REJECTED, AdmissionGate, SharedLimits, reject, tcp_limits_configured
 from echod.config import Config
 from echod.listeners import Listener
 from echod.scoreboard import NUM_COUNTERS, Counter, State, WorkerSlot
 from echod.signals import SignalQueue
+from echod.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
+from echod.udp import DatagramEcho, build_source_check
 
 log = logging.getLogger("echod.worker")
 
@@ -46,15 +49,13 @@ ACCEPT_ERROR_COUNTERS = {
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
-UDP_REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})
-UDP_MAX_DATAGRAM = 65535
 # Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
 FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
 
 class Connection:
     __slots__ = ("accepted_at", "fd", "last_active", "peer", "peer_eof", "pending",
-                 "reading", "sock")
+                 "reading", "sock", "ticket")
 
     def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
         self.sock = sock
@@ -65,6 +66,7 @@ class Connection:
         self.reading = True
         self.last_active = now
         self.accepted_at = now
+        self.ticket: int | None = None  # counted by the AdmissionGate: release at close
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Worker:
     connection_class: type[Connection] = Connection  # the access log counts bytes in a subclass
 
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int) -> None:
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
         self.slot = slot
@@ -101,6 +103,13 @@ class Worker:
         self.bytes_out = 0
         self.accepted = 0
         self.counters = [0] * NUM_COUNTERS
+        # None when no TCP limit is configured: the accept path then checks nothing
+        self.admission = AdmissionGate(config, limits.connections, identity.worker_id - 1,
+                                       self.counters) if tcp_limits_configured(config) else None
+        self.max_lifetime = config.max_connection_lifetime
+        # (deadline, connection) in accept order: the lifetime is the same for all
+        self.lifetime_queue: collections.deque[tuple[float, Connection]] = collections.deque()
+        self.datagram_echoes = self._datagram_echoes(limits)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
         self.next_housekeeping = 0.0
@@ -186,6 +195,8 @@ class Worker:
 
     def _housekeeping(self, now: float) -> None:
         self._expire_idle(now)
+        if self.lifetime_queue:
+            self._expire_lifetime(now)
         if not self.accepting and not self.draining and not self.capacity_paused \
                 and now >= self.accept_resume_at:
             self._resume_accepting()
@@ -194,6 +205,8 @@ class Worker:
         next_tick = now + self.heartbeat_interval
         if self.idle_queue:
             next_tick = min(next_tick, self.idle_queue[0][0])
+        if self.lifetime_queue:
+            next_tick = min(next_tick, self.lifetime_queue[0][0])
         if not self.accepting and self.accept_resume_at > now:
             next_tick = min(next_tick, self.accept_resume_at)
         self.next_housekeeping = next_tick
@@ -259,6 +272,7 @@ class Worker:
         connections = self.connections
         limit = self.config.max_connections
         tcp = sock.family != socket.AF_UNIX
+        gate = self.admission if tcp else None
         for _ in range(ACCEPT_BATCH):
             if len(connections) >= limit:
                 # leave further connections to workers with room
@@ -281,14 +295,23 @@ class Worker:
                                        listener.bound, exc.strerror,
                                        key=f"accept {listener.bound} {exc.errno}")
                 return
+            ticket = None
+            if gate is not None:
+                ticket = gate.admit(peer[0])
+                if ticket == REJECTED:
+                    reject(client)
+                    continue
             client.setblocking(False)
             if tcp:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self.connection_class(client, peer, now)
+            conn.ticket = ticket
             connections[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
             if self.config.idle_timeout:
                 self.idle_queue.append((now + self.config.idle_timeout, conn))
+            if self.max_lifetime:
+                self._track_lifetime(conn, now)
             self.accepted += 1
             if self.accepted == self.recycle_after:
                 self._request_recycling()
@@ -387,6 +410,9 @@ class Worker:
         conn.sock.close()
         conn.pending = bytearray()
         conn.reading = False
+        if conn.ticket is not None and self.admission is not None:
+            self.admission.release(conn.ticket)
+            conn.ticket = None
         if self.capacity_paused and len(self.connections) < self.config.max_connections \
                 and not self.draining:
             self._resume_accepting()
@@ -410,29 +436,33 @@ class Worker:
             else:
                 queue.append((max(deadline, now + 0.001), conn))
 
+    def _track_lifetime(self, conn: Connection, now: float) -> None:
+        deadline = now + self.max_lifetime
+        if not self.lifetime_queue:
+            self.next_housekeeping = min(self.next_housekeeping, deadline)
+        self.lifetime_queue.append((deadline, conn))
+
+    def _expire_lifetime(self, now: float) -> None:
+        queue = self.lifetime_queue
+        while queue and queue[0][0] <= now:
+            _, conn = queue.popleft()
+            if self.connections.get(conn.fd) is conn:  # not closed (and fd reused) since
+                log.debug("closing connection from %s: max_connection_lifetime", conn.peer)
+                _shutdown_gently(conn.sock)
+                self._close(conn, Counter.CLOSED_LIFETIME)
+
     # -- UDP -----------------------------------------------------------------------
+    def _datagram_echoes(self, limits: SharedLimits) -> dict[int, DatagramEcho]:
+        datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
+        if not datagram_listeners:
+            return {}
+        buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
+        check = build_source_check(self.config, limits.udp_buckets)
+        return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
+                for lst in datagram_listeners}
+
     def _on_datagram(self, listener: Listener) -> None:
-        sock = listener.sock
-        for _ in range(ACCEPT_BATCH):
-            try:
-                data, source = sock.recvfrom(UDP_MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters[Counter.ERRORS] += 1
-                return
-            self.counters[Counter.UDP_RECEIVED] += 1
-            self.counters[Counter.UDP_BYTES_IN] += len(data)
-            if source[1] in UDP_REFLECTOR_PORTS:
-                self.counters[Counter.UDP_DROPPED_PORT] += 1
-                continue
-            try:
-                sock.sendto(data, source)
-            except OSError:
-                self.counters[Counter.ERRORS] += 1
-                continue
-            self.counters[Counter.UDP_SENT] += 1
-            self.counters[Counter.UDP_BYTES_OUT] += len(data)
+        self.datagram_echoes[listener.fileno()].on_readable()
 
 
 def _shutdown_gently(sock: socket.socket) -> None:
@@ -477,7 +507,8 @@ def _enable_stack_dumps(config: Config) -> None:
 
 
 def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int) -> NoReturn:
+                 identity: WorkerIdentity, master_alive_fd: int,
+                 limits: SharedLimits) -> NoReturn:
     """Entry point in the freshly forked child."""
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
@@ -487,4 +518,4 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
         from echod.access import AccessLoggingWorker
 
         worker_class = AccessLoggingWorker
-    worker_class(config, listeners, slot, identity, master_alive_fd).run()
+    worker_class(config, listeners, slot, identity, master_alive_fd, limits).run()
