@@ -416,3 +416,27 @@ def test_metrics_endpoint_survives_an_in_place_upgrade(start_echod) -> None:
     metrics_processes = [p for p in psutil.Process(server.pid).children()
                          if "metrics" in " ".join(p.cmdline())]
     assert len(metrics_processes) == 1, "the old image's metrics process must be gone"
+
+
+def test_rejections_and_udp_drops_are_counted_by_reason(start_echod) -> None:
+    config = {**CONFIG, "max_connections_per_ip": 1,
+              "udp_rate_per_source": 1, "udp_burst_per_source": 1}
+    server = start_echod(bind=["127.0.0.1:0", "udp://127.0.0.1:0"], workers=2, config=config)
+    udp_port = next(int(a.rsplit(":", 1)[1]) for a in server.addresses if a.startswith("udp://"))
+    with server.connect() as held:
+        echo_roundtrip(held, b"first")  # the one connection this address may hold
+        with server.connect() as extra:
+            try:  # closed at once: over the per-IP limit
+                assert recv_until_eof(extra) == b""
+            except ConnectionResetError:
+                pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(20):  # the burst of 1 lets one through, the rest are over rate
+            sock.sendto(b"flood", ("127.0.0.1", udp_port))
+    samples = MonotonicWatch(_endpoint(server)).until(
+        lambda s: value(s, "echod_udp_datagrams_received_total") == 20,
+        "20 received datagrams")
+    assert value(samples, "echod_connections_rejected_total", reason="per_ip_limit") == 1
+    echoed = value(samples, "echod_udp_datagrams_total", result="echoed")
+    dropped = value(samples, "echod_udp_datagrams_total", result="dropped_rate_limit")
+    assert echoed >= 1 and dropped >= 15 and echoed + dropped == 20
