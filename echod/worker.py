@@ -1,14 +1,15 @@
 """A worker: one level-triggered epoll loop that accepts on the shared listeners
 and echoes every byte back (RFC 862), serving many connections at once.
 
-Hot path: ``recv_into`` a preallocated buffer, ``send`` straight back, and keep
-only the bytes the kernel refused. While a connection has ``max_buffer`` bytes
-pending it is not read, so memory stays bounded whatever clients do.
+Hot path (inlined in ``_loop``): ``recv_into`` a preallocated buffer, ``send``
+straight back, and keep only the bytes the kernel refused. While a connection
+has ``max_buffer`` bytes pending it is not read, so memory stays bounded
+whatever clients do. Idle and lifetime deadlines live in timer wheels, touched
+per connection, never per event.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import faulthandler
 import logging
@@ -27,6 +28,7 @@ from echod.config import Config
 from echod.listeners import Listener
 from echod.scoreboard import NUM_COUNTERS, Counter, State, WorkerSlot
 from echod.signals import SignalQueue
+from echod.timeouts import TimeoutWheel
 from echod.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
 from echod.udp import DatagramEcho, build_source_check
 
@@ -54,18 +56,23 @@ FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
 
 class Connection:
-    __slots__ = ("accepted_at", "fd", "last_active", "peer", "peer_eof", "pending",
-                 "reading", "sock", "ticket")
+    __slots__ = ("accepted_at", "bytes_in", "bytes_out", "fd", "last_active", "peer",
+                 "peer_eof", "pending", "reading", "recv_into", "send", "sock", "ticket")
 
     def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        # bound once here rather than looked up on every event
+        self.recv_into = sock.recv_into
+        self.send = sock.send
         self.peer = peer
-        self.pending = bytearray()
+        self.pending = bytearray()  # echo bytes the kernel did not take yet
         self.peer_eof = False  # the client shut down its write side
         self.reading = True
-        self.last_active = now
+        self.last_active = now  # last time bytes moved either way
         self.accepted_at = now
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.ticket: int | None = None  # counted by the AdmissionGate: release at close
 
 
@@ -77,8 +84,6 @@ class WorkerIdentity:
 
 
 class Worker:
-    connection_class: type[Connection] = Connection  # the access log counts bytes in a subclass
-
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
                  identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
         self.config = config
@@ -88,8 +93,14 @@ class Worker:
         self.master_alive_fd = master_alive_fd
         self.epoll = select.epoll()
         self.connections: dict[int, Connection] = {}
-        # (deadline, connection), in deadline order because idle_timeout is constant
-        self.idle_queue: collections.deque[tuple[float, Connection]] = collections.deque()
+        self.idle_timeout = config.idle_timeout
+        self.max_lifetime = config.max_connection_lifetime
+        self.idle_wheel: TimeoutWheel[Connection] | None = (
+            TimeoutWheel.for_timeout(self.idle_timeout) if self.idle_timeout else None)
+        self.lifetime_wheel: TimeoutWheel[Connection] | None = (
+            TimeoutWheel.for_timeout(self.max_lifetime) if self.max_lifetime else None)
+        # how soon after an accept the first deadline can fall
+        self.shortest_timeout = min(t for t in (self.idle_timeout, self.max_lifetime, 1e9) if t)
         self.buffer = bytearray(min(READ_BUFFER_SIZE, config.max_buffer))
         self.view = memoryview(self.buffer)
         self.max_buffer = config.max_buffer
@@ -106,9 +117,6 @@ class Worker:
         # None when no TCP limit is configured: the accept path then checks nothing
         self.admission = AdmissionGate(config, limits.connections, identity.worker_id - 1,
                                        self.counters) if tcp_limits_configured(config) else None
-        self.max_lifetime = config.max_connection_lifetime
-        # (deadline, connection) in accept order: the lifetime is the same for all
-        self.lifetime_queue: collections.deque[tuple[float, Connection]] = collections.deque()
         self.datagram_echoes = self._datagram_echoes(limits)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
@@ -142,6 +150,10 @@ class Worker:
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         _enable_stack_dumps(self.config)
+        for listener in self.listeners.values():
+            if not listener.is_datagram and listener.sock.family != socket.AF_UNIX:
+                # accepted sockets inherit it: one call here instead of one per connection
+                listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
         if os.getppid() != self.identity.master_pid:
@@ -154,59 +166,92 @@ class Worker:
         log.debug("worker serving", extra={"fields": {"generation": self.identity.generation}})
 
     def _loop(self) -> None:
+        # The hot path is written out here rather than called: a readable connection
+        # with nothing queued is read into the worker's buffer and echoed straight
+        # back. Everything else (backpressure, half-close, errors, listeners,
+        # signals) goes through methods.
         poll = self.epoll.poll
-        connections = self.connections
-        listeners = self.listeners
-        on_readable = self._on_readable
-        on_writable = self._on_writable
+        find = self.connections.get
+        buffer = self.buffer
+        view = self.view
+        monotonic = time.monotonic
+        reset = Counter.CLOSED_RESET
         while not self.stopping:
-            now = time.monotonic()
+            now = monotonic()
             if now >= self.next_housekeeping:
                 self._housekeeping(now)
-                now = time.monotonic()
             events = poll(max(0.0, self.next_housekeeping - now))
-            now = time.monotonic()
+            now = monotonic()
+            moved_in = moved_out = 0
             for fd, mask in events:
-                conn = connections.get(fd)
-                if conn is not None:
-                    if mask & EPOLLOUT:
-                        on_writable(conn, now)
-                    if mask & (EPOLLIN | EPOLLERR):
-                        if conn.reading:
-                            on_readable(conn, now)
-                        elif mask & EPOLLERR and connections.get(fd) is conn:
-                            self._close(conn, Counter.CLOSED_RESET)
-                elif fd in listeners:
-                    listener = listeners[fd]
-                    if listener.is_datagram:
-                        self._on_datagram(listener)
-                    else:
-                        self._accept(listener, now)
-                elif self.signals is not None and fd == self.signals.fileno():
-                    self._on_signals()
-                elif fd == self.master_alive_fd:
-                    log.warning("master is gone; closing %d connection(s) and exiting",
-                                len(connections))
-                    self.stopping = True
-            if self.draining and (not connections or now >= self.drain_deadline):
-                if connections:
-                    log.info("graceful timeout: closing %d connection(s)", len(connections))
+                conn = find(fd)
+                if conn is None:
+                    self._on_control_event(fd, now)
+                    continue
+                if conn.pending:
+                    self._on_backlogged(conn, mask, now)
+                    continue
+                # Nothing queued, so the connection is registered for EPOLLIN only and
+                # whatever woke us (data, EOF, an error) is for recv to report.
+                try:
+                    received = conn.recv_into(buffer)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._close(conn, reset)
+                    continue
+                if not received:
+                    self._on_peer_eof(conn)
+                    continue
+                try:
+                    sent = conn.send(view[:received])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(conn, reset)
+                    continue
+                moved_in += received
+                moved_out += sent
+                conn.bytes_in += received
+                conn.bytes_out += sent
+                conn.last_active = now
+                if sent < received:
+                    self._keep_unsent(conn, view[sent:received])
+            self.bytes_in += moved_in
+            self.bytes_out += moved_out
+            if self.draining and (not self.connections or now >= self.drain_deadline):
+                if self.connections:
+                    log.info("graceful timeout: closing %d connection(s)", len(self.connections))
                 self.stopping = True
 
+    def _on_control_event(self, fd: int, now: float) -> None:
+        listener = self.listeners.get(fd)
+        if listener is not None:
+            if listener.is_datagram:
+                self.datagram_echoes[fd].on_readable()
+            else:
+                self._accept(listener, now)
+        elif self.signals is not None and fd == self.signals.fileno():
+            self._on_signals()
+        elif fd == self.master_alive_fd:
+            log.warning("master is gone; closing %d connection(s) and exiting",
+                        len(self.connections))
+            self.stopping = True
+
     def _housekeeping(self, now: float) -> None:
-        self._expire_idle(now)
-        if self.lifetime_queue:
-            self._expire_lifetime(now)
+        if self.idle_wheel:
+            self._expire_idle(now)
+        if self.lifetime_wheel:
+            self._expire_lifetimes(now)
         if not self.accepting and not self.draining and not self.capacity_paused \
                 and now >= self.accept_resume_at:
             self._resume_accepting()
         self._publish(now)
         self.error_log.flush()
         next_tick = now + self.heartbeat_interval
-        if self.idle_queue:
-            next_tick = min(next_tick, self.idle_queue[0][0])
-        if self.lifetime_queue:
-            next_tick = min(next_tick, self.lifetime_queue[0][0])
+        for wheel in (self.idle_wheel, self.lifetime_wheel):
+            if wheel:
+                next_tick = min(next_tick, wheel.next_deadline() or next_tick)
         if not self.accepting and self.accept_resume_at > now:
             next_tick = min(next_tick, self.accept_resume_at)
         self.next_housekeeping = next_tick
@@ -271,8 +316,7 @@ class Worker:
         sock = listener.sock
         connections = self.connections
         limit = self.config.max_connections
-        tcp = sock.family != socket.AF_UNIX
-        gate = self.admission if tcp else None
+        gate = self.admission if sock.family != socket.AF_UNIX else None
         for _ in range(ACCEPT_BATCH):
             if len(connections) >= limit:
                 # leave further connections to workers with room
@@ -302,16 +346,15 @@ class Worker:
                     reject(client)
                     continue
             client.setblocking(False)
-            if tcp:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = self.connection_class(client, peer, now)
+            conn = Connection(client, peer, now)
             conn.ticket = ticket
             connections[conn.fd] = conn
             self.epoll.register(conn.fd, EPOLLIN)
-            if self.config.idle_timeout:
-                self.idle_queue.append((now + self.config.idle_timeout, conn))
-            if self.max_lifetime:
-                self._track_lifetime(conn, now)
+            if self.idle_wheel is not None:
+                self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
+            if self.lifetime_wheel is not None:
+                self.lifetime_wheel.add(conn.fd, conn, now + self.max_lifetime)
+            self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
             self.accepted += 1
             if self.accepted == self.recycle_after:
                 self._request_recycling()
@@ -332,12 +375,31 @@ class Worker:
                            "open: pausing accept for %.1fs", exc.strerror, len(self.connections),
                            EMFILE_PAUSE, key="out of file descriptors")
 
-    # -- echoing ---------------------------------------------------------------------
-    def _on_readable(self, conn: Connection, now: float) -> None:
+    # -- echoing (the common case is inlined in _loop) ------------------------------
+    def _keep_unsent(self, conn: Connection, unsent: memoryview) -> None:
+        """The kernel took only part of an echo: queue the rest, stop reading if full."""
+        conn.pending += unsent
+        conn.reading = len(conn.pending) < self.max_buffer
+        self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN if conn.reading else EPOLLOUT)
+
+    def _on_backlogged(self, conn: Connection, mask: int, now: float) -> None:
+        """An event on a connection that still has echo bytes queued."""
+        if mask & EPOLLOUT:
+            self._flush(conn, now)
+            if not conn.pending or self.connections.get(conn.fd) is not conn:
+                return  # all flushed (unread input is reported again: level-triggered) or closed
+        if mask & (EPOLLIN | EPOLLERR):
+            if conn.reading:
+                self._read_behind(conn, now)
+            elif mask & EPOLLERR:
+                self._close(conn, Counter.CLOSED_RESET)
+
+    def _read_behind(self, conn: Connection, now: float) -> None:
+        """Read while earlier bytes still wait to be sent: queue behind them, in order."""
         pending = conn.pending
         room = self.max_buffer - len(pending)
         try:
-            received = conn.sock.recv_into(self.buffer, min(room, len(self.buffer)))
+            received = conn.recv_into(self.buffer, min(room, len(self.buffer)))
         except BlockingIOError:
             return
         except OSError:
@@ -347,37 +409,24 @@ class Worker:
             self._on_peer_eof(conn)
             return
         self.bytes_in += received
+        conn.bytes_in += received
         conn.last_active = now
-        if pending:
-            # still flushing earlier bytes: queue behind them to keep order
-            pending += self.view[:received]
-            if len(pending) >= self.max_buffer:
-                conn.reading = False
-                self.epoll.modify(conn.fd, EPOLLOUT)
-            return
-        try:
-            sent = conn.sock.send(self.view[:received])
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(conn, Counter.CLOSED_RESET)
-            return
-        self.bytes_out += sent
-        if sent < received:
-            pending += self.view[sent:received]
-            conn.reading = len(pending) < self.max_buffer
-            self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN if conn.reading else EPOLLOUT)
+        pending += self.view[:received]
+        if len(pending) >= self.max_buffer:
+            conn.reading = False
+            self.epoll.modify(conn.fd, EPOLLOUT)
 
-    def _on_writable(self, conn: Connection, now: float) -> None:
+    def _flush(self, conn: Connection, now: float) -> None:
         pending = conn.pending
         try:
-            sent = conn.sock.send(pending)
+            sent = conn.send(pending)
         except BlockingIOError:
             return
         except OSError:
             self._close(conn, Counter.CLOSED_RESET)
             return
         self.bytes_out += sent
+        conn.bytes_out += sent
         conn.last_active = now
         del pending[:sent]
         if pending:
@@ -401,15 +450,17 @@ class Worker:
         self.epoll.modify(conn.fd, EPOLLOUT)
 
     def _close(self, conn: Connection, reason: Counter) -> None:
-        self.connections.pop(conn.fd, None)
+        if self.connections.get(conn.fd) is not conn:
+            return  # closed already (and the fd perhaps reused)
+        del self.connections[conn.fd]
         self.counters[reason] += 1
-        try:
-            self.epoll.unregister(conn.fd)
-        except OSError:
-            pass
+        if self.idle_wheel is not None:
+            self.idle_wheel.discard(conn.fd)
+        if self.lifetime_wheel is not None:
+            self.lifetime_wheel.discard(conn.fd)
+        # Closing also takes the fd out of the epoll set (no other process holds it),
+        # which saves an epoll_ctl per connection.
         conn.sock.close()
-        conn.pending = bytearray()
-        conn.reading = False
         if conn.ticket is not None and self.admission is not None:
             self.admission.release(conn.ticket)
             conn.ticket = None
@@ -423,33 +474,21 @@ class Worker:
             self._close(conn, reason)
 
     def _expire_idle(self, now: float) -> None:
-        queue = self.idle_queue
-        timeout = self.config.idle_timeout
-        while queue and queue[0][0] <= now:
-            _, conn = queue.popleft()
-            if self.connections.get(conn.fd) is not conn:
-                continue  # closed already (fds are reused, hence the identity check)
-            deadline = conn.last_active + timeout
-            if deadline <= now and not conn.pending:
+        assert self.idle_wheel is not None
+        for conn in self.idle_wheel.pop_due(now):
+            deadline = conn.last_active + self.idle_timeout
+            if deadline <= now:  # no byte moved either way for idle_timeout
                 log.debug("closing idle connection from %s", conn.peer)
                 self._close(conn, Counter.CLOSED_IDLE)
             else:
-                queue.append((max(deadline, now + 0.001), conn))
+                self.idle_wheel.add(conn.fd, conn, deadline)
 
-    def _track_lifetime(self, conn: Connection, now: float) -> None:
-        deadline = now + self.max_lifetime
-        if not self.lifetime_queue:
-            self.next_housekeeping = min(self.next_housekeeping, deadline)
-        self.lifetime_queue.append((deadline, conn))
-
-    def _expire_lifetime(self, now: float) -> None:
-        queue = self.lifetime_queue
-        while queue and queue[0][0] <= now:
-            _, conn = queue.popleft()
-            if self.connections.get(conn.fd) is conn:  # not closed (and fd reused) since
-                log.debug("closing connection from %s: max_connection_lifetime", conn.peer)
-                _shutdown_gently(conn.sock)
-                self._close(conn, Counter.CLOSED_LIFETIME)
+    def _expire_lifetimes(self, now: float) -> None:
+        assert self.lifetime_wheel is not None
+        for conn in self.lifetime_wheel.pop_due(now):
+            log.debug("closing connection from %s: max_connection_lifetime", conn.peer)
+            _shutdown_gently(conn.sock)
+            self._close(conn, Counter.CLOSED_LIFETIME)
 
     # -- UDP -----------------------------------------------------------------------
     def _datagram_echoes(self, limits: SharedLimits) -> dict[int, DatagramEcho]:
@@ -460,9 +499,6 @@ class Worker:
         check = build_source_check(self.config, limits.udp_buckets)
         return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
                 for lst in datagram_listeners}
-
-    def _on_datagram(self, listener: Listener) -> None:
-        self.datagram_echoes[listener.fileno()].on_readable()
 
 
 def _shutdown_gently(sock: socket.socket) -> None:
