@@ -314,6 +314,10 @@ class Worker:
 
     def _accept(self, listener: Listener, now: float) -> None:
         sock = listener.sock
+        # socket.accept() would turn the family and type into enums for every
+        # connection (a tenth of the accept path's Python time): wrap the fd ourselves.
+        accept_fd = sock._accept
+        family, kind, proto = int(sock.family), int(sock.type), sock.proto
         connections = self.connections
         limit = self.config.max_connections
         gate = self.admission if sock.family != socket.AF_UNIX else None
@@ -325,7 +329,7 @@ class Worker:
                 self.counters[Counter.REJECTED_MAX_CONNECTIONS] += 1
                 return
             try:
-                client, peer = sock.accept()
+                fd, peer = accept_fd()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -339,6 +343,7 @@ class Worker:
                                        listener.bound, exc.strerror,
                                        key=f"accept {listener.bound} {exc.errno}")
                 return
+            client = socket.socket(family, kind, proto, fd)
             ticket = None
             if gate is not None:
                 ticket = gate.admit(peer[0])
