@@ -29,6 +29,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
@@ -61,6 +62,7 @@ _ERRORS = int(Counter.ERRORS)
 _NOT_UNICAST_V4 = frozenset(str(octet) for octet in (0, *range(224, 256)))
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
+Ancillary = list[tuple[int, int, bytes]]  # recvmsg's control messages
 # host, now -> 0 (pass) or the counter index of the reason to drop
 SourceCheck = Callable[[str, float], int]
 
@@ -136,17 +138,48 @@ class DatagramEcho:
         else:
             self.on_readable = self._echo
 
+    def _drop_reason(self, source: tuple[str, int], now: float) -> int:
+        """0 to answer, else the counter of the reason to drop (checks 1-4, in order)."""
+        if source[1] in self.deny_ports:
+            return _DROPPED_PORT
+        if not self.is_unicast(source[0]):
+            return _DROPPED_ADDRESS
+        return self.check(source[0], now) if self.check is not None else 0
+
     def _echo(self) -> None:
-        recv = self.sock.recvfrom_into
-        send = self.sock.sendto
-        buffer, view = self.buffer, self.view
-        deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
-        counters = self.counters
-        now = time.monotonic() if check is not None else 0.0
+        """A socket bound to one address: the kernel answers from that address."""
+        recv, send, buffer = self.sock.recvfrom_into, self.sock.sendto, self.buffer
+
+        def receive() -> tuple[int, tuple[str, int], None]:
+            return (*recv(buffer), None)
+
+        def reply(data: memoryview, source: tuple[str, int], _: None) -> None:
+            send(data, source)
+
+        self._serve(receive, reply)
+
+    def _echo_with_pktinfo(self) -> None:
+        """A wildcard socket: answer from the address each datagram was sent to."""
+        recv, send, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [self.buffer]
+        reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
+
+        def receive() -> tuple[int, tuple[str, int], Ancillary]:
+            size, ancillary, _flags, source = recv(buffers, _PKTINFO_SPACE)
+            return size, source, ancillary
+
+        def reply(data: memoryview, source: tuple[str, int], ancillary: Ancillary) -> None:
+            send((data,), reply_from(ancillary), 0, source)
+
+        self._serve(receive, reply)
+
+    def _serve(self, receive: Callable[[], tuple[int, tuple[str, int], Any]],
+               reply: Callable[[memoryview, tuple[str, int], Any], None]) -> None:
+        view, counters, drop_reason = self.view, self.counters, self._drop_reason
+        now = time.monotonic() if self.check is not None else 0.0
         received = sent = bytes_in = bytes_out = 0
         for _ in range(BATCH):
             try:
-                size, source = recv(buffer)
+                size, source, context = receive()
             except BlockingIOError:
                 break
             except OSError:
@@ -154,20 +187,12 @@ class DatagramEcho:
                 break
             received += 1
             bytes_in += size
-            if source[1] in deny_ports:
-                counters[_DROPPED_PORT] += 1
+            verdict = drop_reason(source, now)
+            if verdict:
+                counters[verdict] += 1
                 continue
-            host = source[0]
-            if not is_unicast(host):
-                counters[_DROPPED_ADDRESS] += 1
-                continue
-            if check is not None:
-                verdict = check(host, now)
-                if verdict:
-                    counters[verdict] += 1
-                    continue
             try:
-                send(view[:size], source)
+                reply(view[:size], source, context)
             except OSError:  # send buffer full or the route vanished: UDP may drop
                 counters[_ERRORS] += 1
                 continue
@@ -178,51 +203,8 @@ class DatagramEcho:
         counters[_SENT] += sent
         counters[_BYTES_OUT] += bytes_out
 
-    def _echo_with_pktinfo(self) -> None:
-        recv = self.sock.recvmsg_into
-        send = self.sock.sendmsg
-        buffers, view = [self.buffer], self.view
-        deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
-        reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
-        counters = self.counters
-        now = time.monotonic() if check is not None else 0.0
-        received = sent = bytes_in = bytes_out = 0
-        for _ in range(BATCH):
-            try:
-                size, ancillary, _flags, source = recv(buffers, _PKTINFO_SPACE)
-            except BlockingIOError:
-                break
-            except OSError:
-                counters[_ERRORS] += 1
-                break
-            received += 1
-            bytes_in += size
-            if source[1] in deny_ports:
-                counters[_DROPPED_PORT] += 1
-                continue
-            host = source[0]
-            if not is_unicast(host):
-                counters[_DROPPED_ADDRESS] += 1
-                continue
-            if check is not None:
-                verdict = check(host, now)
-                if verdict:
-                    counters[verdict] += 1
-                    continue
-            try:
-                send((view[:size],), reply_from(ancillary), 0, source)
-            except OSError:
-                counters[_ERRORS] += 1
-                continue
-            sent += 1
-            bytes_out += size
-        counters[_RECEIVED] += received
-        counters[_BYTES_IN] += bytes_in
-        counters[_SENT] += sent
-        counters[_BYTES_OUT] += bytes_out
 
-
-def _reply_pktinfo_v4(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+def _reply_pktinfo_v4(ancillary: Ancillary) -> Ancillary:
     """in_pktinfo {ifindex, spec_dst, addr}: reply from the local address the kernel
     reports for this datagram (spec_dst: its destination, or for a broadcast the
     interface's own address); ifindex 0 lets routing choose the way back."""
@@ -232,7 +214,7 @@ def _reply_pktinfo_v4(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int
     return []  # no pktinfo (queued before the option was set): the kernel chooses
 
 
-def _reply_pktinfo_v6(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+def _reply_pktinfo_v6(ancillary: Ancillary) -> Ancillary:
     """in6_pktinfo {addr, ifindex}: reply from the destination address; keep the
     interface only for link-local addresses, which mean nothing without it."""
     for level, kind, data in ancillary:
