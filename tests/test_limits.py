@@ -95,6 +95,29 @@ def test_idle_connections_are_closed(start_echod) -> None:
         assert echo_roundtrip(busy, b"tock") == b"tock"
 
 
+def test_a_client_that_stops_reading_its_echo_is_idle_too(start_echod, tmp_path) -> None:
+    """Bytes stuck in echod's queue are not activity: the connection and its buffer go."""
+    access = tmp_path / "access.log"
+    server = start_echod(config={"idle_timeout": 1, "access_log": str(access)})
+    with server.connect() as stuck, server.connect() as busy:
+        stall = 0.3
+        sent = _stuff([stuck], 16 << 20, stall=stall)[0]  # fills socket buffers and echod's queue
+        assert sent > 0
+        last_byte_taken = time.monotonic() - stall  # echod read nothing after this
+        busy.settimeout(15)
+
+        def stuck_closed() -> bool:
+            assert echo_roundtrip(busy, b"tick") == b"tick"  # the busy one stays open
+            return access.exists() and "reason=idle_timeout" in access.read_text()
+
+        wait_until(stuck_closed, timeout=20, interval=0.2, message="stuck connection closed")
+        assert time.monotonic() - last_byte_taken >= 0.9
+        line = next(x for x in access.read_text().splitlines() if "idle_timeout" in x)
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        # it was stuck: echod took bytes it could not hand back
+        assert 0 < int(fields["bytes_out"]) < int(fields["bytes_in"]) <= sent
+
+
 def test_idle_timeout_zero_never_closes(start_echod) -> None:
     server = start_echod(config={"idle_timeout": 0})
     with server.connect() as sock:
