@@ -17,6 +17,8 @@ from typing import Any
 from echod.addresses import Address, Transport, format_host_port, parse_address
 from echod.errors import BindError
 
+SOCK_DGRAM = int(socket.SOCK_DGRAM)
+
 
 @dataclass(eq=False)
 class Listener:
@@ -24,10 +26,16 @@ class Listener:
     sock: socket.socket
     unix_inode: tuple[int, int] | None = field(default=None)
     activated: bool = False  # handed over by systemd: kept whatever the config says
+    # family, type and proto as plain ints, read once: the socket's own attributes
+    # build an enum on every read, and a worker needs them on every accept
+    shape: tuple[int, int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.sock.family), int(self.sock.type), self.sock.proto)
 
     @property
     def is_datagram(self) -> bool:
-        return self.sock.type == socket.SOCK_DGRAM
+        return self.shape[1] == SOCK_DGRAM
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -37,6 +37,7 @@ log = logging.getLogger("echod.worker")
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+AF_UNIX = int(socket.AF_UNIX)
 ACCEPT_BATCH = 64
 EMFILE_PAUSE = 0.5  # seconds to stop accepting when out of file descriptors
 READ_BUFFER_SIZE = 256 * 1024
@@ -313,14 +314,13 @@ class Worker:
             self.accepting = False
 
     def _accept(self, listener: Listener, now: float) -> None:
-        sock = listener.sock
         # socket.accept() would turn the family and type into enums for every
         # connection (a tenth of the accept path's Python time): wrap the fd ourselves.
-        accept_fd = sock._accept
-        family, kind, proto = int(sock.family), int(sock.type), sock.proto
+        accept_fd = listener.sock._accept
+        family, kind, proto = listener.shape
         connections = self.connections
         limit = self.config.max_connections
-        gate = self.admission if sock.family != socket.AF_UNIX else None
+        gate = self.admission if family != AF_UNIX else None
         for _ in range(ACCEPT_BATCH):
             if len(connections) >= limit:
                 # leave further connections to workers with room
