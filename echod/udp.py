@@ -29,7 +29,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
@@ -134,52 +133,26 @@ class DatagramEcho:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            self.on_readable = self._echo_with_pktinfo
-        else:
-            self.on_readable = self._echo
 
-    def _drop_reason(self, source: tuple[str, int], now: float) -> int:
-        """0 to answer, else the counter of the reason to drop (checks 1-4, in order)."""
-        if source[1] in self.deny_ports:
-            return _DROPPED_PORT
-        if not self.is_unicast(source[0]):
-            return _DROPPED_ADDRESS
-        return self.check(source[0], now) if self.check is not None else 0
-
-    def _echo(self) -> None:
-        """A socket bound to one address: the kernel answers from that address."""
-        recv, send, buffer = self.sock.recvfrom_into, self.sock.sendto, self.buffer
-
-        def receive() -> tuple[int, tuple[str, int], None]:
-            return (*recv(buffer), None)
-
-        def reply(data: memoryview, source: tuple[str, int], _: None) -> None:
-            send(data, source)
-
-        self._serve(receive, reply)
-
-    def _echo_with_pktinfo(self) -> None:
-        """A wildcard socket: answer from the address each datagram was sent to."""
-        recv, send, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [self.buffer]
+    def on_readable(self) -> None:
+        """Answer up to BATCH waiting datagrams. A socket bound to one address lets
+        the kernel pick the reply's source; a wildcard one (with_pktinfo) answers
+        from the address each datagram was sent to."""
+        with_pktinfo, buffer, view = self.with_pktinfo, self.buffer, self.view
+        recvfrom, sendto = self.sock.recvfrom_into, self.sock.sendto
+        recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [buffer]
         reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
-
-        def receive() -> tuple[int, tuple[str, int], Ancillary]:
-            size, ancillary, _flags, source = recv(buffers, _PKTINFO_SPACE)
-            return size, source, ancillary
-
-        def reply(data: memoryview, source: tuple[str, int], ancillary: Ancillary) -> None:
-            send((data,), reply_from(ancillary), 0, source)
-
-        self._serve(receive, reply)
-
-    def _serve(self, receive: Callable[[], tuple[int, tuple[str, int], Any]],
-               reply: Callable[[memoryview, tuple[str, int], Any], None]) -> None:
-        view, counters, drop_reason = self.view, self.counters, self._drop_reason
-        now = time.monotonic() if self.check is not None else 0.0
+        deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
+        counters = self.counters
+        now = time.monotonic() if check is not None else 0.0
+        ancillary: Ancillary = []
         received = sent = bytes_in = bytes_out = 0
         for _ in range(BATCH):
             try:
-                size, source, context = receive()
+                if with_pktinfo:
+                    size, ancillary, _flags, source = recvmsg(buffers, _PKTINFO_SPACE)
+                else:
+                    size, source = recvfrom(buffer)
             except BlockingIOError:
                 break
             except OSError:
@@ -187,12 +160,23 @@ class DatagramEcho:
                 break
             received += 1
             bytes_in += size
-            verdict = drop_reason(source, now)
-            if verdict:
+            # checks 1-4 of the module docstring, in order; written out, not called:
+            # this runs for every datagram
+            if source[1] in deny_ports:
+                counters[_DROPPED_PORT] += 1
+                continue
+            host = source[0]
+            if not is_unicast(host):
+                counters[_DROPPED_ADDRESS] += 1
+                continue
+            if check is not None and (verdict := check(host, now)):
                 counters[verdict] += 1
                 continue
             try:
-                reply(view[:size], source, context)
+                if with_pktinfo:
+                    sendmsg((view[:size],), reply_from(ancillary), 0, source)
+                else:
+                    sendto(view[:size], source)
             except OSError:  # send buffer full or the route vanished: UDP may drop
                 counters[_ERRORS] += 1
                 continue
