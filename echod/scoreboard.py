@@ -89,6 +89,10 @@ _MASTER_COUNTERS_OFFSET = 384
 # that sum retired + live counters retry on change, so totals never go backwards.
 _FOLD_SEQUENCE = struct.Struct("<Q")
 _FOLD_SEQUENCE_OFFSET = 376
+# Bumped whenever a slot is claimed or released, so that workers re-read who
+# their peers are only when that changes (see echod.balance).
+_ROSTER = struct.Struct("<I")
+_ROSTER_OFFSET = 368
 HEADER_SIZE = 512
 # pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
 _SLOT_HEAD = struct.Struct("<iIBxHddI4x")
@@ -98,8 +102,13 @@ FILE_SIZE = HEADER_SIZE + MAX_SLOTS * SLOT_SIZE
 _HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
 _STATE_OFFSET = 8
 _ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
+_ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # the pad byte after state: echod.balance.AcceptState
+# a peer's pid, accept state and open connections, read in one go
+_PEER_LOAD = struct.Struct("<i5xB18xI")
 
-assert _HEADER.size <= _FOLD_SEQUENCE_OFFSET
+assert _HEADER.size <= _ROSTER_OFFSET
+assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
+assert _PEER_LOAD.size == _ACTIVE_OFFSET + 4
 assert _FOLD_SEQUENCE_OFFSET + _FOLD_SEQUENCE.size <= _MASTER_COUNTERS_OFFSET
 assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
 assert _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
@@ -276,21 +285,53 @@ class Scoreboard:
         _SLOT_HEAD.pack_into(self.buffer, offset, pid, generation, State.BOOTING, worker_id,
                              time.time(), time.monotonic(), 0)
         _COUNTERS.pack_into(self.buffer, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
+        self._bump_roster()
 
     def set_pid(self, index: int, pid: int) -> None:
         struct.pack_into("<i", self.buffer, self._offset(index), pid)
 
     def release(self, index: int) -> None:
         self.buffer[self._offset(index):self._offset(index) + SLOT_SIZE] = bytes(SLOT_SIZE)
+        self._bump_roster()
+
+    def _bump_roster(self) -> None:
+        (roster,) = _ROSTER.unpack_from(self.buffer, _ROSTER_OFFSET)
+        _ROSTER.pack_into(self.buffer, _ROSTER_OFFSET, (roster + 1) & 0xFFFFFFFF)
 
 
 class WorkerSlot:
-    """A worker's handle on its own slot: cheap writes, no reads of other slots."""
+    """A worker's handle on its own slot: cheap writes; of the others, only their load."""
 
     def __init__(self, board: Scoreboard, index: int) -> None:
+        self.path = board.path
         self.buffer = board.buffer
         self.offset = Scoreboard._offset(index)
         self.counters_offset = self.offset + _SLOT_HEAD.size
+        self.active_offset = self.offset + _ACTIVE_OFFSET
+        self.accept_state_offset = self.offset + _ACCEPT_STATE_OFFSET
+
+    def set_active(self, count: int) -> None:
+        """Open connections, written on every accept and close: peers balance on it."""
+        struct.pack_into("<I", self.buffer, self.active_offset, count)
+
+    def set_accept_state(self, state: int) -> None:
+        struct.pack_into("<B", self.buffer, self.accept_state_offset, state)
+
+    def roster(self) -> int:
+        return int(_ROSTER.unpack_from(self.buffer, _ROSTER_OFFSET)[0])
+
+    def peer_offsets(self) -> list[int]:
+        """Where the other claimed slots are (a scan: call when the roster changed)."""
+        peers = []
+        for index in range(MAX_SLOTS):
+            offset = Scoreboard._offset(index)
+            if offset != self.offset and self.buffer[offset + _STATE_OFFSET] != State.FREE:
+                peers.append(offset)
+        return peers
+
+    def peer_load(self, offset: int) -> tuple[int, int, int]:
+        """(pid, accept state, open connections) of the peer whose slot is at offset."""
+        return _PEER_LOAD.unpack_from(self.buffer, offset)  # type: ignore[return-value]
 
     def heartbeat(self, now: float) -> None:
         struct.pack_into("<d", self.buffer, self.offset + _HEARTBEAT_OFFSET, now)

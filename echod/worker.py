@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from echod import exitcodes, logs, procname
 from echod.admission import REJECTED, AdmissionGate, SharedLimits, reject, tcp_limits_configured
+from echod.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
 from echod.config import Config
 from echod.listeners import Listener
 from echod.scoreboard import NUM_COUNTERS, Counter, State, WorkerSlot
@@ -51,7 +52,7 @@ ACCEPT_ERROR_COUNTERS = {
 }
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
-                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
 # Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
 FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
@@ -89,6 +90,8 @@ class Worker:
                  identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
+        self.registered: set[int] = set()  # listeners in our epoll set
+        self.balancer = AcceptBalancer(slot)
         self.slot = slot
         self.identity = identity
         self.master_alive_fd = master_alive_fd
@@ -157,6 +160,7 @@ class Worker:
                 listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
+        self.balancer.open()
         if os.getppid() != self.identity.master_pid:
             log.warning("master died while this worker started; exiting")
             os._exit(exitcodes.OK)
@@ -231,7 +235,11 @@ class Worker:
             if listener.is_datagram:
                 self.datagram_echoes[fd].on_readable()
             else:
-                self._accept(listener, now)
+                before = self.accepted
+                self._accept(listener, now,
+                             self.balancer.accept_budget(len(self.connections), ACCEPT_BATCH))
+                if self.accepted != before:
+                    self._after_accepting(listener, now)
         elif self.signals is not None and fd == self.signals.fileno():
             self._on_signals()
         elif fd == self.master_alive_fd:
@@ -247,6 +255,10 @@ class Worker:
         if not self.accepting and not self.draining and not self.capacity_paused \
                 and now >= self.accept_resume_at:
             self._resume_accepting()
+        standing_aside = self.balancer.state == AcceptState.ASIDE
+        if standing_aside and self.balancer.should_rejoin(len(self.connections)):
+            self._rejoin()
+            standing_aside = False
         self._publish(now)
         self.error_log.flush()
         next_tick = now + self.heartbeat_interval
@@ -255,6 +267,8 @@ class Worker:
                 next_tick = min(next_tick, wheel.next_deadline() or next_tick)
         if not self.accepting and self.accept_resume_at > now:
             next_tick = min(next_tick, self.accept_resume_at)
+        if standing_aside:
+            next_tick = min(next_tick, now + ASIDE_RECHECK)
         self.next_housekeeping = next_tick
 
     def _publish(self, now: float) -> None:
@@ -274,6 +288,8 @@ class Worker:
                 self.stopping = True
             elif signum == signal.SIGUSR1:
                 logs.reopen_log_files()
+            elif signum == NUDGE:  # a peer took more than its share: our turn again?
+                self.next_housekeeping = 0.0
             # HUP, TTIN, TTOU, USR2 are the master's business
 
     def _start_draining(self, why: str) -> None:
@@ -299,21 +315,55 @@ class Worker:
         log.info("recycling after %d connections", self.accepted)
         self.slot.set_state(State.RETIRING)
 
-    # -- accepting -----------------------------------------------------------------
+    # -- accepting (which worker accepts: see echod.balance) ----------------------------
+    def _listen(self, fd: int) -> None:
+        # EPOLLEXCLUSIVE: one worker woken per connection, not all of them; the
+        # registration also puts us at the back of the listener's wake-up queue.
+        self.epoll.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.registered.add(fd)
+
+    def _unlisten(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        self.registered.discard(fd)
+
     def _resume_accepting(self) -> None:
         for fd in self.listeners:
-            # EPOLLEXCLUSIVE: one worker woken per connection, not all of them
-            self.epoll.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
+            if fd not in self.registered:
+                self._listen(fd)
         self.accepting = True
         self.capacity_paused = False
+        self.balancer.set_state(AcceptState.LISTENING)
 
     def _pause_accepting(self) -> None:
-        if self.accepting:
-            for fd in self.listeners:
-                self.epoll.unregister(fd)
-            self.accepting = False
+        for fd in list(self.registered):
+            self._unlisten(fd)
+        self.accepting = False
+        self.balancer.set_state(AcceptState.OFF)
 
-    def _accept(self, listener: Listener, now: float) -> None:
+    def _after_accepting(self, listener: Listener, now: float) -> None:
+        """Publish our load, then go to the back of the queue or stand aside."""
+        self.balancer.set_open(len(self.connections))
+        if not self.accepting or not self.balancer.has_peers():
+            return
+        if self.balancer.should_stand_aside(len(self.connections)):
+            for fd, stream in self.listeners.items():
+                if not stream.is_datagram and fd in self.registered:
+                    self._unlisten(fd)
+            self.next_housekeeping = min(self.next_housekeeping, now + ASIDE_RECHECK)
+            return
+        # Re-registering moves us behind the workers already waiting, so that the
+        # next connection wakes one of them: the kernel wakes waiters in order.
+        fd = listener.fileno()
+        self._unlisten(fd)
+        self._listen(fd)
+
+    def _rejoin(self) -> None:
+        for fd, stream in self.listeners.items():
+            if not stream.is_datagram and fd not in self.registered:
+                self._listen(fd)
+        self.balancer.set_state(AcceptState.LISTENING)
+
+    def _accept(self, listener: Listener, now: float, budget: int = ACCEPT_BATCH) -> None:
         # socket.accept() would turn the family and type into enums for every
         # connection (a tenth of the accept path's Python time): wrap the fd ourselves.
         accept_fd = listener.sock._accept
@@ -321,7 +371,7 @@ class Worker:
         connections = self.connections
         limit = self.config.max_connections
         gate = self.admission if family != AF_UNIX else None
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(budget):
             if len(connections) >= limit:
                 # leave further connections to workers with room
                 self._pause_accepting()
@@ -469,9 +519,13 @@ class Worker:
         if conn.ticket is not None and self.admission is not None:
             self.admission.release(conn.ticket)
             conn.ticket = None
+        self.balancer.set_open(len(self.connections))
         if self.capacity_paused and len(self.connections) < self.config.max_connections \
                 and not self.draining:
             self._resume_accepting()
+        elif self.balancer.state == AcceptState.ASIDE and not self.draining \
+                and self.balancer.should_rejoin(len(self.connections)):
+            self._rejoin()
 
     def _close_all(self, reason: Counter) -> None:
         for conn in list(self.connections.values()):
