@@ -342,7 +342,7 @@ class Worker:
 
     def _after_accepting(self, listener: Listener, now: float) -> None:
         """Publish our load, then go to the back of the queue or stand aside."""
-        self.balancer.set_open(len(self.connections))
+        self._publish(now)  # all counters, so that readers see them agree with the load
         if not self.accepting or not self.balancer.has_peers():
             return
         if self.balancer.should_stand_aside(len(self.connections)):
