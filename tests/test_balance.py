@@ -9,8 +9,11 @@ measures how much better echod does; these tests must hold on a busy machine.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import psutil
@@ -157,3 +160,33 @@ def test_a_single_worker_takes_everything(start_echod, clients) -> None:
     server = start_echod(workers=1)
     clients += all_at_once(server, 50)
     assert list(per_worker(server, 50, 1).values()) == [50]
+
+
+def test_status_shows_each_workers_share_and_the_spread(start_echod, clients,
+                                                       runtime_dir) -> None:
+    server = start_echod(workers=WORKERS)
+    server.wait_workers(WORKERS)
+    clients += one_after_another(server, 40)
+    held = per_worker(server, 40, WORKERS)
+
+    def status() -> dict | None:
+        result = subprocess.run([sys.executable, "-m", "echod.ctl.main", "status", "--json",
+                                 "--runtime-dir", str(runtime_dir)], capture_output=True,
+                                text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        return document if document["totals"]["active"] == 40 else None
+
+    document = wait_until(status, 10, message="status to show 40 connections")
+    by_pid = {w["pid"]: w for w in document["workers"]}
+    for pid, count in held.items():
+        assert by_pid[pid]["connections"] == count
+        assert by_pid[pid]["share"] == round(count / 40, 3)
+    spread = document["totals"]["spread_max_over_fair"]
+    assert spread == round(max(held.values()) * WORKERS / 40, 2)
+    assert spread <= spread_bound(40, WORKERS) * WORKERS / 40
+    text = subprocess.run([sys.executable, "-m", "echod.ctl.main", "status", "--runtime-dir",
+                           str(runtime_dir)], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert "SHARE" in text.stdout
+    assert f"spread: busiest worker holds {spread:.2f} x its fair share" in text.stdout

@@ -37,6 +37,7 @@ class WorkerStatus:
     rss_bytes: int
     uss_bytes: int
     connections: int
+    share: float  # of the open connections on workers that take new ones (0..1)
     accepted: int
     bytes_in: int
     bytes_out: int
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     workers = [_worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0),
                               now_wall, now_mono) for slot in sorted(slots,
                                                                      key=lambda s: s.worker_id)]
-    totals = _totals(view.retired, slots)
+    totals: dict[str, float] = dict(_totals(view.retired, slots))
+    totals["spread_max_over_fair"] = _share_out(workers)
     if args.json:
         print(json.dumps({"master": asdict(master_status),
                           "workers": [asdict(w) for w in workers],
@@ -139,9 +141,21 @@ def _worker_status(slot: SlotView, process: psutil.Process | None, cpu: float,
         worker=slot.worker_id, pid=slot.pid, generation=slot.generation,
         state=slot.state.name.lower(), uptime_s=round(now_wall - slot.started, 1),
         cpu_percent=cpu, rss_bytes=_rss(process), uss_bytes=_uss(process),
-        connections=slot.active, accepted=slot.counter(Counter.ACCEPTED),
+        connections=slot.active, share=0.0, accepted=slot.counter(Counter.ACCEPTED),
         bytes_in=slot.counter(Counter.BYTES_IN), bytes_out=slot.counter(Counter.BYTES_OUT),
         heartbeat_age_s=round(max(0.0, now_mono - slot.heartbeat), 1))
+
+
+def _share_out(workers: list[WorkerStatus]) -> float:
+    """Fill in each accepting worker's share; return the busiest one's over the fair
+    share (1.00 = perfectly even). Draining workers only lose connections: left out."""
+    accepting = [w for w in workers if w.state in ("ready", "retiring")]
+    total = sum(w.connections for w in accepting)
+    if not total:
+        return 0.0
+    for w in accepting:
+        w.share = round(w.connections / total, 3)
+    return round(max(w.connections for w in accepting) * len(accepting) / total, 2)
 
 
 def _totals(retired: tuple[int, ...], slots: list[SlotView]) -> dict[str, int]:
@@ -180,7 +194,8 @@ def human_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str, int]) -> str:
+def _render(master: MasterStatus, workers: list[WorkerStatus],
+            totals: dict[str, float]) -> str:
     lines = [
         f"echod {master.version} running: master pid {master.pid}, generation "
         f"{master.generation}, up {human_duration(master.uptime_s)} (since {master.started})",
@@ -189,14 +204,17 @@ def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str,
         f"{len(workers)} worker(s), {totals['active']} open connection(s); since start: "
         f"{totals['connections']} connections, {human_bytes(totals['bytes_in'])} in, "
         f"{human_bytes(totals['bytes_out'])} out",
+        f"spread: busiest worker holds {totals['spread_max_over_fair']:.2f} x its fair share "
+        "of open connections (1.00 = even)" if totals["spread_max_over_fair"] else
+        "spread: no open connections",
         "",
     ]
     header = ("WORKER", "PID", "GEN", "STATE", "UPTIME", "CPU%", "RSS", "USS", "CONNS",
-              "ACCEPTED", "IN", "OUT", "HEARTBEAT")
+              "SHARE", "ACCEPTED", "IN", "OUT", "HEARTBEAT")
     rows = [header] + [(
         str(w.worker), str(w.pid), str(w.generation), w.state, human_duration(w.uptime_s),
         f"{w.cpu_percent:.1f}", human_bytes(w.rss_bytes), human_bytes(w.uss_bytes),
-        str(w.connections), str(w.accepted), human_bytes(w.bytes_in),
+        str(w.connections), f"{100 * w.share:.0f}%", str(w.accepted), human_bytes(w.bytes_in),
         human_bytes(w.bytes_out), f"{w.heartbeat_age_s:.1f}s ago") for w in workers]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
