@@ -29,7 +29,9 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
             assert result.returncode == 0, result.stderr
             document = json.loads(result.stdout)
             counts = sum(w["connections"] for w in document["workers"])
-            return document if counts == 3 else None  # counters publish within a second
+            # open connections are live; byte counters publish within a second
+            published = document["totals"]["bytes_in"] >= 15
+            return document if counts == 3 and published else None
 
         document = wait_until(status, 10, message="status to show 3 connections")
         assert document["master"]["pid"] == server.pid
