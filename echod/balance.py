@@ -16,7 +16,8 @@ moves turn that queue into an even, load-aware spread:
 The decision reads the peers' open connections from the scoreboard, where each
 worker writes its own count on every accept and close (one ``pack_into``). The
 last worker that listens never stands aside (checked under a lock on the
-scoreboard file) without first waking a peer that holds less. A
+scoreboard file) without first waking a peer that holds less, and a peer whose
+heartbeat is late counts as neither listening nor least loaded. A
 worker standing aside looks again on each of its own closes, every
 ``ASIDE_RECHECK`` seconds, and at once when the last listener, over its own
 share in turn, nudges it (``NUDGE``) and steps aside itself: in a burst the
@@ -29,6 +30,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import time
 from collections.abc import Iterator
 from enum import IntEnum
 
@@ -58,8 +60,11 @@ def allowance(least_loaded_peer: int) -> int:
 class AcceptBalancer:
     """A worker's view of its peers' load, and its own place in the queue."""
 
-    def __init__(self, slot: WorkerSlot) -> None:
+    def __init__(self, slot: WorkerSlot, heartbeat_interval: float) -> None:
         self.slot = slot
+        # A peer silent this long is hung (or dying): it neither takes connections
+        # nor counts as the least loaded, so nobody stands aside for it.
+        self.silent_after = 2 * heartbeat_interval + 0.25
         self.state = AcceptState.OFF
         self.peers: list[int] = []  # scoreboard offsets of the other workers' slots
         self.roster = -1  # the scoreboard's roster sequence when peers was read
@@ -92,9 +97,10 @@ class AcceptBalancer:
         listening = 0
         aside: list[int] = []
         read = self.slot.peer_load
+        silent_since = time.monotonic() - self.silent_after
         for offset in self.peers:
-            pid, state, active = read(offset)
-            if state == AcceptState.OFF:
+            pid, state, heartbeat, active = read(offset)
+            if state == AcceptState.OFF or heartbeat < silent_since:
                 continue
             if state == AcceptState.LISTENING:
                 listening += 1

@@ -103,8 +103,8 @@ _HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
 _STATE_OFFSET = 8
 _ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
 _ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # the pad byte after state: echod.balance.AcceptState
-# a peer's pid, accept state and open connections, read in one go
-_PEER_LOAD = struct.Struct("<i5xB18xI")
+# a peer's pid, accept state, heartbeat and open connections, read in one go
+_PEER_LOAD = struct.Struct("<i5xB10xdI")
 
 assert _HEADER.size <= _ROSTER_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
@@ -329,8 +329,8 @@ class WorkerSlot:
                 peers.append(offset)
         return peers
 
-    def peer_load(self, offset: int) -> tuple[int, int, int]:
-        """(pid, accept state, open connections) of the peer whose slot is at offset."""
+    def peer_load(self, offset: int) -> tuple[int, int, float, int]:
+        """(pid, accept state, heartbeat, open connections) of the peer at offset."""
         return _PEER_LOAD.unpack_from(self.buffer, offset)  # type: ignore[return-value]
 
     def heartbeat(self, now: float) -> None:

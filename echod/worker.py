@@ -91,7 +91,8 @@ class Worker:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
         self.registered: set[int] = set()  # listeners in our epoll set
-        self.balancer = AcceptBalancer(slot)
+        self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
+        self.balancer = AcceptBalancer(slot, self.heartbeat_interval)
         self.slot = slot
         self.identity = identity
         self.master_alive_fd = master_alive_fd
@@ -123,7 +124,6 @@ class Worker:
                                        self.counters) if tcp_limits_configured(config) else None
         self.datagram_echoes = self._datagram_echoes(limits)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
-        self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None

@@ -10,6 +10,7 @@ measures how much better echod does; these tests must hold on a busy machine.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -51,12 +52,12 @@ def assert_balanced(held: dict[int, int], total: int) -> None:
     assert max(held.values()) <= bound, f"per worker {sorted(held.values())}: bound {bound:.1f}"
 
 
-def one_after_another(server, count: int) -> list[socket.socket]:
+def one_after_another(server, count: int, timeout: float = 5) -> list[socket.socket]:
     clients = []
     for _ in range(count):
         sock = server.connect()
         clients.append(sock)
-        assert echo_roundtrip(sock, b"x", timeout=5) == b"x"
+        assert echo_roundtrip(sock, b"x", timeout=timeout) == b"x"
     return clients
 
 
@@ -190,3 +191,27 @@ def test_status_shows_each_workers_share_and_the_spread(start_echod, clients,
                           stdin=subprocess.DEVNULL)
     assert "SHARE" in text.stdout
     assert f"spread: busiest worker holds {spread:.2f} x its fair share" in text.stdout
+
+
+def test_no_connection_waits_behind_a_hung_worker(start_echod, clients) -> None:
+    # The hung worker holds the fewest connections, so the others are over their
+    # share next to it and would stand aside for it if it still counted.
+    server = start_echod(workers=WORKERS, config={"worker_timeout": 60})
+    pids = server.wait_workers(WORKERS)
+    clients += one_after_another(server, 40)
+    held = per_worker(server, 40, WORKERS)
+    hung = min(held, key=lambda pid: held[pid])
+    by_port = {c.raddr.port for c in psutil.Process(hung).net_connections(kind="tcp4")
+               if c.raddr and c.status == psutil.CONN_ESTABLISHED}
+    for sock in [s for s in clients if s.getsockname()[1] in by_port][:5]:
+        clients.remove(sock)
+        sock.close()
+    per_worker(server, 40 - min(5, len(by_port)), WORKERS)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        # each must be answered long before worker_timeout would replace the hung one
+        clients += one_after_another(server, 60, timeout=15)
+        assert hung in server.worker_pids(), "the hung worker was replaced: test is void"
+    finally:
+        os.kill(hung, signal.SIGCONT)
+    assert set(server.worker_pids()) == set(pids)
