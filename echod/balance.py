@@ -112,7 +112,7 @@ class AcceptBalancer:
 
     def accept_budget(self, open_connections: int, batch: int) -> int:
         """How many to accept now: what woke us, and more only up to our share."""
-        least = self._peer_loads()[0] if self.has_peers() else None
+        least = self._peer_loads()[0]
         if least is None:
             return batch
         return max(1, min(batch, allowance(least) - open_connections))
