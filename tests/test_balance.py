@@ -47,6 +47,12 @@ def per_worker(server, expected_total: int, workers: int) -> dict[int, int]:
     return wait_until(counts, 15, message=f"{expected_total} connections on {workers} workers")
 
 
+def client_ports_of(pid: int) -> set[int]:
+    """The client-side ports of the connections this worker holds."""
+    return {c.raddr.port for c in psutil.Process(pid).net_connections(kind="tcp4")
+            if c.raddr and c.status == psutil.CONN_ESTABLISHED}
+
+
 def assert_balanced(held: dict[int, int], total: int) -> None:
     bound = spread_bound(total, len(held))
     assert max(held.values()) <= bound, f"per worker {sorted(held.values())}: bound {bound:.1f}"
@@ -103,14 +109,10 @@ def test_busy_workers_take_fewer_new_connections(start_echod, clients) -> None:
     held = per_worker(server, 80, WORKERS)
     # close everything two workers hold: two busy workers, two idle ones
     idle = sorted(held)[:2]
-    by_port = {}
-    for pid in idle:
-        for conn in psutil.Process(pid).net_connections(kind="tcp4"):
-            if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
-                by_port[conn.raddr.port] = pid
+    on_idle = client_ports_of(idle[0]) | client_ports_of(idle[1])
     kept = []
     for sock in first:
-        if sock.getsockname()[1] in by_port:
+        if sock.getsockname()[1] in on_idle:
             sock.close()
         else:
             kept.append(sock)
@@ -201,12 +203,11 @@ def test_no_connection_waits_behind_a_hung_worker(start_echod, clients) -> None:
     clients += one_after_another(server, 40)
     held = per_worker(server, 40, WORKERS)
     hung = min(held, key=lambda pid: held[pid])
-    by_port = {c.raddr.port for c in psutil.Process(hung).net_connections(kind="tcp4")
-               if c.raddr and c.status == psutil.CONN_ESTABLISHED}
-    for sock in [s for s in clients if s.getsockname()[1] in by_port][:5]:
+    on_hung = client_ports_of(hung)
+    for sock in [s for s in clients if s.getsockname()[1] in on_hung][:5]:
         clients.remove(sock)
         sock.close()
-    per_worker(server, 40 - min(5, len(by_port)), WORKERS)
+    per_worker(server, 40 - min(5, len(on_hung)), WORKERS)
     os.kill(hung, signal.SIGSTOP)
     try:
         # each must be answered long before worker_timeout would replace the hung one
