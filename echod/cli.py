@@ -136,11 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(config.to_toml())
             return exitcodes.OK
         if args.check_config:
-            import echod.server  # noqa: F401  (a pre-flight also proves all the code loads)
+            import echod.server.startup  # noqa: F401  (a pre-flight also proves all the code loads)
 
             print("configuration OK")
             return exitcodes.OK
-        from echod.server import serve  # the heavy part, only when serving
+        from echod.server.startup import serve  # the heavy part, only when serving
 
         return serve(config, source, foreground=args.foreground, code_started=CODE_STARTED)
     except EchodError as exc:

@@ -90,7 +90,7 @@ _MASTER_COUNTERS_OFFSET = 384
 _FOLD_SEQUENCE = struct.Struct("<Q")
 _FOLD_SEQUENCE_OFFSET = 376
 # Bumped whenever a slot is claimed or released, so that workers re-read who
-# their peers are only when that changes (see echod.balance).
+# their peers are only when that changes (see echod.server.balance).
 _ROSTER = struct.Struct("<I")
 _ROSTER_OFFSET = 368
 HEADER_SIZE = 512
@@ -102,7 +102,7 @@ FILE_SIZE = HEADER_SIZE + MAX_SLOTS * SLOT_SIZE
 _HEARTBEAT_OFFSET = 4 + 4 + 1 + 1 + 2 + 8
 _STATE_OFFSET = 8
 _ACTIVE_OFFSET = _HEARTBEAT_OFFSET + 8
-_ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # the pad byte after state: echod.balance.AcceptState
+_ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # pad byte after state: balance.AcceptState
 # a peer's pid, accept state, heartbeat and open connections, read in one go
 _PEER_LOAD = struct.Struct("<i5xB10xdI")
 

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from echod.ctl import cli
-from echod.ctl.echoprobe import Target, resolve
+from echod.ctl import options
 from echod.ctl.payload import DEFAULT_SEED, CyclicPattern, describe_mismatch
+from echod.ctl.probe import Target, resolve
 from echod.ctl.stats import LatencyHistogram
 
 NAME = "bench"
@@ -74,11 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cli.add_target_options(parser)
+    options.add_target_options(parser)
     parser.add_argument(
         "-c",
         "--connections",
-        type=cli.positive_int,
+        type=options.positive_int,
         default=10,
         metavar="CONNS",
         help="concurrent connections in all (default 10)",
@@ -86,14 +86,14 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     parser.add_argument(
         "-s",
         "--size",
-        type=cli.byte_size,
+        type=options.byte_size,
         default=64,
         help="message (rr) or chunk (stream) size in bytes, K/M suffix allowed (default 64)",
     )
     parser.add_argument(
         "-d",
         "--duration",
-        type=cli.positive_float,
+        type=options.positive_float,
         default=5.0,
         metavar="SECONDS",
         help="how long to run (default 5)",
@@ -101,7 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     parser.add_argument(
         "-P",
         "--processes",
-        type=cli.positive_int,
+        type=options.positive_int,
         default=1,
         help="bench processes sharing the connections (default 1)",
     )
@@ -114,7 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     parser.add_argument(
         "-W",
         "--timeout",
-        type=cli.positive_float,
+        type=options.positive_float,
         default=5.0,
         metavar="SECONDS",
         help="a connection that connects or echoes nothing for this long is an error (default 5)",

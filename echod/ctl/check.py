@@ -7,8 +7,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from echod.ctl import cli
-from echod.ctl.echoprobe import (
+from echod.ctl import options
+from echod.ctl.payload import DEFAULT_MESSAGE, seeded_bytes
+from echod.ctl.probe import (
     MAX_UDP_PAYLOAD,
     ProbeEvent,
     ProbeResult,
@@ -19,7 +20,6 @@ from echod.ctl.echoprobe import (
     iter_probes,
     resolve,
 )
-from echod.ctl.payload import DEFAULT_MESSAGE, seeded_bytes
 from echod.ctl.stats import RttStats
 from echod.errors import EchodError, UsageError
 
@@ -47,7 +47,7 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
-    parser: cli.CtlArgumentParser = subparsers.add_parser(
+    parser: options.CtlArgumentParser = subparsers.add_parser(
         NAME,
         help="Nagios/Icinga plugin: one status line and perfdata, exit 0-3",
         description="Check an echo server as a Nagios/Icinga plugin.",
@@ -55,11 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.usage_error_handler = _usage_error
-    cli.add_target_options(parser, required=True)
+    options.add_target_options(parser, required=True)
     parser.add_argument(
         "-w",
         "--warning",
-        type=cli.non_negative_float,
+        type=options.non_negative_float,
         default=50.0,
         metavar="MS",
         help="average rtt above this many ms is WARNING (default 50)",
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     parser.add_argument(
         "-c",
         "--critical",
-        type=cli.non_negative_float,
+        type=options.non_negative_float,
         default=100.0,
         metavar="MS",
         help="average rtt above this many ms is CRITICAL (default 100)",
@@ -75,28 +75,28 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.Argument
     parser.add_argument(
         "-t",
         "--timeout",
-        type=cli.positive_float,
+        type=options.positive_float,
         default=10.0,
         metavar="SECONDS",
         help="time for the whole check (default 10)",
     )
     parser.add_argument("--udp", action="store_true", help="check over UDP instead of TCP")
     parser.add_argument(
-        "-n", "--count", type=cli.positive_int, default=3, help="number of probes (default 3)"
+        "-n", "--count", type=options.positive_int, default=3, help="number of probes (default 3)"
     )
     parser.add_argument(
-        "-s", "--size", type=cli.byte_size, help="probe with SIZE seeded random bytes"
+        "-s", "--size", type=options.byte_size, help="probe with SIZE seeded random bytes"
     )
     parser.add_argument(
         "--loss-warn",
-        type=cli.percentage,
+        type=options.percentage,
         default=20.0,
         metavar="PCT",
         help="loss above this percentage is WARNING (default 20)",
     )
     parser.add_argument(
         "--loss-crit",
-        type=cli.percentage,
+        type=options.percentage,
         default=60.0,
         metavar="PCT",
         help="loss above this percentage is CRITICAL (default 60)",
@@ -175,7 +175,7 @@ def check_echo(
     ) or next((o for o in outcomes if isinstance(o, ProbeEvent) and o.fault), None)
     text = f"{summary.received}/{summary.sent} echoed"
     if summary.rtt is not None:
-        text += f", rtt avg {cli.format_ms(summary.rtt.avg_ms)} ms"
+        text += f", rtt avg {options.format_ms(summary.rtt.avg_ms)} ms"
     if problems:
         text += f" ({', '.join(problems)})"
     if isinstance(first_failure, ProbeResult):
@@ -193,7 +193,7 @@ def judge(summary: ProbeSummary, thresholds: Thresholds) -> tuple[int, list[str]
     if summary.wrong or summary.faults:
         problems.append((CRITICAL, "wrong bytes echoed"))
     loss = summary.loss_percent
-    loss_text = f"loss {cli.format_percent(loss)}%"
+    loss_text = f"loss {options.format_percent(loss)}%"
     if summary.received and loss > thresholds.loss_crit_pct:
         problems.append((CRITICAL, f"{loss_text} > {thresholds.loss_crit_pct:g}%"))
     elif summary.received and loss > thresholds.loss_warn_pct:
@@ -213,6 +213,6 @@ def perfdata(rtt: RttStats | None, loss_percent: float, thresholds: Thresholds) 
     rtt_value = f"{rtt.avg_ms:.3f}ms" if rtt is not None else "U"
     return (
         f"rtt={rtt_value};{thresholds.rtt_warn_ms:g};{thresholds.rtt_crit_ms:g};0 "
-        f"loss={cli.format_percent(loss_percent)}%;"
+        f"loss={options.format_percent(loss_percent)}%;"
         f"{thresholds.loss_warn_pct:g};{thresholds.loss_crit_pct:g}"
     )

@@ -14,13 +14,13 @@ from types import ModuleType
 from typing import Any, Protocol, cast
 
 from echod import exitcodes, installed_version
-from echod.ctl import bench, check, cli, control, probe, status
+from echod.ctl import bench, check, control, options, send, status
 from echod.errors import EchodError
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (
-    probe,
+    send,
     check,
     bench,
     status,
@@ -48,21 +48,21 @@ class Subcommand(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
-def build_parser() -> cli.CtlArgumentParser:
-    parser = cli.CtlArgumentParser(
+def build_parser() -> options.CtlArgumentParser:
+    parser = options.CtlArgumentParser(
         prog="echoctl",
         description="Probe, check, load-test and control echod and other echo servers.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
-    cli.add_global_options(parser)
+    options.add_global_options(parser)
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", required=True
     )
     for module in SUBCOMMANDS:
         for subparser, run in _commands_of(module, subparsers):
-            cli.add_global_options(subparser)
+            options.add_global_options(subparser)
             subparser.set_defaults(run_command=run, command_parser=subparser)
     return parser
 

@@ -1,0 +1,272 @@
+"""What ``GET /metrics`` says: every number comes from the scoreboard (and psutil for
+CPU and memory), rendered in the Prometheus text exposition format 0.0.4.
+
+Totals are the retired-worker totals in the scoreboard header (folded in by the
+master when it reaps a worker) plus the live slots, read between folds, so a
+total never goes backwards when a worker dies or is replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+
+from echod.scoreboard import NUM_COUNTERS, Counter, MasterCounter, Scoreboard, SlotView, State
+from echod.server.access import CLOSE_REASONS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+ACCEPT_ERRORS = {
+    "EMFILE": Counter.ACCEPT_EMFILE,
+    "ENFILE": Counter.ACCEPT_ENFILE,
+    "ENOMEM": Counter.ACCEPT_ENOMEM,
+    "ECONNABORTED": Counter.ACCEPT_ABORTED,
+    "other": Counter.ACCEPT_OTHER,
+}
+UDP_RESULTS = {
+    "echoed": Counter.UDP_SENT,
+    "dropped_reflector_port": Counter.UDP_DROPPED_PORT,
+    "dropped_source_address": Counter.UDP_DROPPED_ADDRESS,
+    "dropped_rate_limit": Counter.UDP_DROPPED_RATE,
+    "dropped_total_rate_limit": Counter.UDP_DROPPED_RATE_TOTAL,
+}
+REJECTIONS = {"denied": Counter.REJECTED_DENIED, "per_ip_limit": Counter.REJECTED_PER_IP,
+              "total_limit": Counter.REJECTED_TOTAL}
+RESTARTS = {
+    "crashed": MasterCounter.RESTARTS_CRASHED,
+    "timeout": MasterCounter.RESTARTS_TIMEOUT,
+    "recycled": MasterCounter.RESTARTS_RECYCLED,
+    "boot_failed": MasterCounter.RESTARTS_BOOT_FAILED,
+}
+RELOADS = {"ok": MasterCounter.RELOADS_OK, "failed": MasterCounter.RELOADS_FAILED}
+UPGRADES = {"ok": MasterCounter.UPGRADES_OK, "failed": MasterCounter.UPGRADES_FAILED}
+WORKER_STATES = (State.BOOTING, State.READY, State.DRAINING, State.RETIRING)
+
+
+@dataclass
+class MetricFamily:
+    name: str  # counters end in _total, as their samples do
+    kind: str  # "counter" or "gauge"
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> MetricFamily:
+        self.samples.append((labels, value))
+        return self
+
+    def render(self) -> str:
+        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+        for labels, value in self.samples:
+            if labels:
+                text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+                lines.append(f"{self.name}{{{text}}} {_number(value)}")
+            else:
+                lines.append(f"{self.name} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def render(families: Iterable[MetricFamily]) -> str:
+    return "".join(family.render() for family in families)
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+@dataclass
+class ProcessSample:
+    cpu_seconds: float
+    rss: int
+    virtual: int = 0
+    started: float = 0.0
+    open_fds: int = 0
+
+
+class ProcessSampler:
+    """CPU and memory of echod's processes through psutil, keeping Process objects."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, psutil.Process] = {}
+
+    def sample(self, pid: int, detailed: bool = False) -> ProcessSample | None:
+        try:
+            process = self.processes.get(pid)
+            if process is None:
+                process = self.processes[pid] = psutil.Process(pid)
+            with process.oneshot():
+                cpu = process.cpu_times()
+                memory = process.memory_info()
+                sample = ProcessSample(cpu.user + cpu.system, memory.rss)
+                if detailed:
+                    sample.virtual = memory.vms
+                    sample.started = process.create_time()
+                    sample.open_fds = process.num_fds()
+            return sample
+        except psutil.Error:
+            self.processes.pop(pid, None)
+            return None
+
+    def keep_only(self, pids: set[int]) -> None:
+        for pid in set(self.processes) - pids:
+            del self.processes[pid]
+
+
+def collect(board: Scoreboard, sampler: ProcessSampler,
+            max_fds: int | None = None) -> list[MetricFamily]:
+    """Every family, from one consistent read of the scoreboard."""
+    master, slots = board.snapshot()
+    totals = _totals(master.retired, slots)
+    now = time.monotonic()
+
+    def counter(name: str, help_text: str) -> MetricFamily:
+        return MetricFamily(name, "counter", help_text)
+
+    def gauge(name: str, help_text: str) -> MetricFamily:
+        return MetricFamily(name, "gauge", help_text)
+
+    families = [
+        gauge("echod_build_info", "echod's version and Python's, as a constant 1")
+        .add(1, version=master.version, python=platform.python_version()),
+        gauge("echod_master_start_time_seconds", "When the master started (Unix time)")
+        .add(master.master_started),
+        gauge("echod_generation", "Configuration generation (1 at start, +1 per reload)")
+        .add(master.generation),
+    ]
+    workers = gauge("echod_workers", "Worker processes by state")
+    for state in WORKER_STATES:
+        workers.add(sum(1 for s in slots if s.state == state), state=state.name.lower())
+    families.append(workers)
+    families.append(_labelled(counter("echod_worker_restarts_total",
+                                      "Workers replaced, by why the old one left"),
+                              "reason", RESTARTS, master.events))
+    families.append(_labelled(counter("echod_reloads_total", "Reloads (HUP), by result"),
+                              "result", RELOADS, master.events))
+    families.append(_labelled(counter("echod_upgrades_total",
+                                      "In-place upgrades (USR2), by result"),
+                              "result", UPGRADES, master.events))
+    families += [
+        gauge("echod_connections_active", "Open stream connections, all workers")
+        .add(sum(s.active for s in slots)),
+        counter("echod_connections_total", "Stream connections accepted")
+        .add(totals[Counter.ACCEPTED]),
+        _labelled(counter("echod_connections_closed_total", "Stream connections closed, by why"),
+                  "reason", {name: c for c, name in CLOSE_REASONS.items()}, totals),
+        _labelled(counter("echod_connections_rejected_total",
+                          "Connections refused by admission control, by rule"),
+                  "reason", REJECTIONS, totals),
+        counter("echod_accept_paused_total", "Times a worker stopped accepting for a while")
+        .add(totals[Counter.REJECTED_MAX_CONNECTIONS], reason="max_connections")
+        .add(totals[Counter.ACCEPT_PAUSED_EMFILE], reason="out_of_descriptors"),
+        _labelled(counter("echod_accept_errors_total", "accept() failures by errno"),
+                  "errno", ACCEPT_ERRORS, totals),
+        counter("echod_socket_errors_total",
+                "Unexpected socket errors (failed accepts, UDP send/receive failures)")
+        .add(totals[Counter.ERRORS]),
+        counter("echod_bytes_received_total", "Bytes received (stream = TCP and unix sockets)")
+        .add(totals[Counter.BYTES_IN], transport="stream")
+        .add(totals[Counter.UDP_BYTES_IN], transport="udp"),
+        counter("echod_bytes_sent_total", "Bytes echoed back (stream = TCP and unix sockets)")
+        .add(totals[Counter.BYTES_OUT], transport="stream")
+        .add(totals[Counter.UDP_BYTES_OUT], transport="udp"),
+        counter("echod_udp_datagrams_received_total", "UDP datagrams received")
+        .add(totals[Counter.UDP_RECEIVED]),
+        _labelled(counter("echod_udp_datagrams_total", "UDP datagrams by what became of them"),
+                  "result", UDP_RESULTS, totals),
+    ]
+    families += _per_worker(slots, sampler, now)
+    families += _master_process(master.pid, sampler, max_fds)
+    sampler.keep_only({master.pid, *(s.pid for s in slots)})
+    return families
+
+
+def _totals(retired: Sequence[int], slots: Sequence[SlotView]) -> list[int]:
+    totals = list(retired)
+    for slot in slots:
+        for index in range(NUM_COUNTERS):
+            totals[index] += slot.counters[index]
+    return totals
+
+
+def _labelled(family: MetricFamily, label: str, indices: dict[str, int],
+              values: Sequence[int]) -> MetricFamily:
+    for name, index in indices.items():
+        family.add(values[index], **{label: name})
+    return family
+
+
+def _per_worker(slots: Sequence[SlotView], sampler: ProcessSampler,
+                now: float) -> list[MetricFamily]:
+    info = MetricFamily("echod_worker_info", "gauge",
+                        "One per live worker: its pid, generation and state")
+    active = MetricFamily("echod_worker_connections_active", "gauge",
+                          "Open stream connections per worker")
+    accepted = MetricFamily("echod_worker_connections_total", "counter",
+                            "Stream connections accepted per worker (resets when it is replaced)")
+    heartbeat = MetricFamily("echod_worker_heartbeat_age_seconds", "gauge",
+                             "Seconds since each worker's last heartbeat")
+    cpu = MetricFamily("echod_worker_cpu_seconds_total", "counter",
+                       "CPU time (user + system) per worker")
+    rss = MetricFamily("echod_worker_resident_memory_bytes", "gauge",
+                       "Resident memory per worker")
+    for slot in sorted(slots, key=lambda s: s.worker_id):
+        worker = str(slot.worker_id)
+        info.add(1, worker=worker, pid=str(slot.pid), generation=str(slot.generation),
+                 state=slot.state.name.lower())
+        active.add(slot.active, worker=worker)
+        accepted.add(slot.counters[Counter.ACCEPTED], worker=worker)
+        heartbeat.add(round(max(0.0, now - slot.heartbeat), 3), worker=worker)
+        sample = sampler.sample(slot.pid)
+        if sample is not None:
+            cpu.add(round(sample.cpu_seconds, 2), worker=worker)
+            rss.add(sample.rss, worker=worker)
+    return [info, active, accepted, heartbeat, cpu, rss]
+
+
+def _master_process(pid: int, sampler: ProcessSampler,
+                    max_fds: int | None) -> list[MetricFamily]:
+    """The conventional process_* metrics, describing the master."""
+    sample = sampler.sample(pid, detailed=True)
+    if sample is None:
+        return []
+    families = [
+        MetricFamily("process_cpu_seconds_total", "counter",
+                     "Master: CPU time (user + system)").add(round(sample.cpu_seconds, 2)),
+        MetricFamily("process_resident_memory_bytes", "gauge",
+                     "Master: resident memory").add(sample.rss),
+        MetricFamily("process_virtual_memory_bytes", "gauge",
+                     "Master: virtual memory").add(sample.virtual),
+        MetricFamily("process_start_time_seconds", "gauge",
+                     "Master: start time (Unix time)").add(sample.started),
+        MetricFamily("process_open_fds", "gauge",
+                     "Master: open file descriptors").add(sample.open_fds),
+    ]
+    if max_fds is not None:
+        families.append(MetricFamily("process_max_fds", "gauge",
+                                     "Master: file descriptor limit").add(max_fds))
+    return families
+
+
+def descriptor_limit() -> int | None:
+    """RLIMIT_NOFILE, read in the metrics process (forked from the master: the same)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft

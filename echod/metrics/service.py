@@ -1,0 +1,381 @@
+"""The ``/metrics`` endpoint: a small child process the master supervises.
+
+Why a process and not the master's loop: rendering reads psutil for every worker
+and a scraper may be slow or hostile; none of that may delay the master's
+supervision or put it at risk. The master binds the socket before anything
+forks (so a port in use fails start-up with exit 69, like any listener) and
+keeps it across reloads; the child serves it and reads the scoreboard mapping
+it inherited. The child is restarted if it dies (with back-off) and never
+outlives the master (master-alive pipe, PR_SET_PDEATHSIG as a backstop).
+
+HTTP is the minimum a scraper needs: ``GET``/``HEAD /metrics`` on HTTP/1.0 or
+1.1, one request per connection (``Connection: close``), requests of at most
+8 KiB that must arrive within 5 s, a bounded number of clients at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
+
+from echod import logs, procname
+from echod.addresses import parse_address
+from echod.errors import BindError
+from echod.metrics import render
+from echod.scoreboard import Scoreboard
+from echod.server.listeners import Listener, open_listener
+
+if TYPE_CHECKING:
+    from echod.server.master import Master
+
+log = logging.getLogger("echod.metrics")
+
+BACKLOG = 64
+MAX_CLIENTS = 32  # more wait in the kernel's backlog
+MAX_REQUEST = 8192  # bytes of request line + headers
+CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
+LINGER = 1.0  # seconds to wait for the client's FIN after our answer (no RST on close)
+YOUNG_DEATH = 5.0
+MAX_BACKOFF = 10.0
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                   signal.SIGTTOU)
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+               408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+# -- the master's side ----------------------------------------------------------------------
+
+@dataclass
+class MetricsService:
+    """Owns the metrics socket in the master and keeps one metrics process serving it."""
+
+    bind: str = ""  # as configured; "" = off
+    listener: Listener | None = None
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0  # deaths in a row shortly after starting
+    respawn_at: float = 0.0
+    replacing: bool = False  # we stopped the child ourselves (new socket): no back-off
+    refused_bind: str = ""  # a reload asked for this and it could not be bound
+
+    @classmethod
+    def open(cls, bind: str) -> MetricsService:
+        """Bind now (before any fork); BindError (exit 69) if the address is taken."""
+        service = cls()
+        if bind:
+            service.listener = _open(bind)
+            service.bind = bind
+            _announce(service.listener)
+        return service
+
+    def listeners(self) -> list[Listener]:
+        """Sockets to keep open across daemonizing and an in-place upgrade."""
+        return [self.listener] if self.listener is not None else []
+
+    # The master calls these (see master.Helper).
+    def supervise(self, master: Master, now: float) -> None:
+        wanted = master.config.metrics_bind
+        if wanted != self.bind and wanted != self.refused_bind:
+            self._rebind(wanted)
+        if master.stopping or self.listener is None or self.pid or now < self.respawn_at:
+            return
+        self._spawn(master)
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        if pid != self.pid:
+            return False
+        self.pid = 0
+        now = time.monotonic()
+        if self.replacing:
+            self.replacing = False
+            return True
+        lived = now - self.started
+        log.error("metrics process (pid %d) %s after %.1fs; restarting it", pid,
+                  _describe(status), lived)
+        self.failures = self.failures + 1 if lived < YOUNG_DEATH else 0
+        if self.failures:
+            self.respawn_at = now + min(0.1 * 2 ** (self.failures - 1), MAX_BACKOFF)
+        return True
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: drop our copy of the socket."""
+        if self.listener is not None:
+            self.listener.sock.close()
+
+    def stop(self) -> None:
+        """The master is leaving: stop the metrics process and close the socket."""
+        self.before_exec()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def before_exec(self) -> None:
+        """Stop the metrics process; an upgraded master starts its own on our socket."""
+        if self.pid:
+            _kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 1.0
+            while not _reaped(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not _reaped(self.pid):
+                _kill(self.pid, signal.SIGKILL)
+                _reaped(self.pid, wait=True)
+            self.pid = 0
+
+    # -- inside --------------------------------------------------------------------------------
+    def _rebind(self, wanted: str) -> None:
+        """A reload changed metrics_bind: serve the new address, or keep the old one."""
+        fresh: Listener | None = None
+        if wanted:
+            try:
+                fresh = _open(wanted)
+            except BindError as exc:
+                log.error("reload: %s; metrics stay on %s", exc, self.bind or "(off)")
+                self.refused_bind = wanted
+                return
+        self.refused_bind = ""
+        if self.listener is not None:
+            self.listener.close()
+        self.listener, self.bind = fresh, wanted
+        if fresh is not None:
+            _announce(fresh)
+        else:
+            log.info("metrics endpoint turned off")
+        if self.pid:
+            self.replacing = True
+            _kill(self.pid, signal.SIGTERM)  # its successor serves the new socket
+
+    def _spawn(self, master: Master) -> None:
+        from echod.server.master import MASTER_SIGNALS
+        from echod.server.signals import blocked
+
+        assert self.listener is not None
+        with blocked(MASTER_SIGNALS):  # as for workers: no master handler runs in the child
+            pid = os.fork()
+            if pid == 0:
+                self._become_metrics_process(master)
+        self.pid = pid
+        self.started = time.monotonic()
+        log.debug("started metrics process (pid %d)", pid)
+
+    def _become_metrics_process(self, master: Master) -> NoReturn:
+        from echod.server.master import MASTER_SIGNALS
+
+        code = 1
+        try:
+            assert self.listener is not None
+            master.signals.close()
+            os.close(master.alive_write)
+            master.close_in_worker()
+            for listener in master.listeners:
+                listener.sock.close()  # ours must not keep echo ports open
+            for signum in IGNORED_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            logs.set_role("metrics")
+            procname.set_title(f"metrics (http://{self.listener.bound}/metrics)")
+            procname.die_with_parent()
+            server = MetricsServer(self.listener.sock, master.scoreboard, master.alive_read,
+                                   master.pid)
+            server.run()
+            code = 0
+        except BaseException:
+            log.exception("metrics process failed")
+        logging.shutdown()
+        os._exit(code)
+
+
+def _open(bind: str) -> Listener:
+    return open_listener(parse_address(bind), BACKLOG)
+
+
+def _announce(listener: Listener) -> None:
+    log.info("serving metrics on http://%s/metrics", listener.bound)
+
+
+def _kill(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _reaped(pid: int, wait: bool = False) -> bool:
+    try:
+        done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
+    except ChildProcessError:
+        return True  # already reaped (by the master's loop)
+    return done == pid
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        try:
+            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+# -- the metrics process ------------------------------------------------------------------
+
+@dataclass(eq=False)
+class HttpClient:
+    sock: socket.socket
+    deadline: float
+    request: bytearray = field(default_factory=bytearray)
+    response: memoryview | None = None
+    lingering: bool = False  # answer sent and our side shut: waiting for the client's FIN
+
+
+class MetricsServer:
+    def __init__(self, sock: socket.socket, board: Scoreboard, master_alive_fd: int,
+                 master_pid: int) -> None:
+        self.sock = sock
+        self.board = board
+        self.master_alive_fd = master_alive_fd
+        self.master_pid = master_pid
+        self.epoll = select.epoll()
+        self.clients: dict[int, HttpClient] = {}
+        self.accepting = False
+        self.sampler = render.ProcessSampler()
+        self.max_fds = render.descriptor_limit()
+
+    def run(self) -> None:
+        if os.getppid() != self.master_pid:
+            return  # the master died while we started
+        self.epoll.register(self.master_alive_fd, select.EPOLLIN)
+        self._accepting(True)
+        while True:
+            timeout = min((c.deadline for c in self.clients.values()), default=None)
+            wait = 1.0 if timeout is None else max(0.0, min(1.0, timeout - time.monotonic()))
+            for fd, mask in self.epoll.poll(wait):
+                if fd == self.master_alive_fd:
+                    return  # EOF: the master is gone
+                if fd == self.sock.fileno():
+                    self._accept()
+                elif fd in self.clients:
+                    self._on_event(self.clients[fd], mask)
+            self._expire(time.monotonic())
+
+    def _accepting(self, on: bool) -> None:
+        if on and not self.accepting:
+            self.epoll.register(self.sock.fileno(), select.EPOLLIN)
+        elif not on and self.accepting:
+            self.epoll.unregister(self.sock.fileno())
+        self.accepting = on
+
+    def _accept(self) -> None:
+        while len(self.clients) < MAX_CLIENTS:
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: pause like the workers do
+                log.warning("metrics: accept failed: %s", exc.strerror)
+                return
+            sock.setblocking(False)
+            client = HttpClient(sock, time.monotonic() + CLIENT_TIMEOUT)
+            self.clients[sock.fileno()] = client
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+        self._accepting(False)  # full: the rest wait in the backlog
+
+    def _on_event(self, client: HttpClient, mask: int) -> None:
+        if client.response is not None:
+            self._write(client)
+            return
+        try:
+            data = client.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(client)
+            return
+        if client.lingering:
+            if not data:
+                self._drop(client)
+            return
+        if not data:
+            self._drop(client)  # left before asking anything
+            return
+        client.request += data
+        end = client.request.find(b"\r\n\r\n")
+        if end < 0:
+            end = client.request.find(b"\n\n")
+        if end >= 0:
+            self._answer(client, bytes(client.request[:end]))
+        elif len(client.request) > MAX_REQUEST:
+            self._respond(client, 431, b"request too large\n")
+
+    def _answer(self, client: HttpClient, head: bytes) -> None:
+        request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self._respond(client, 400, b"bad request\n")
+            return
+        method, target, _ = parts
+        path = target.split(b"?", 1)[0]
+        if path != b"/metrics":
+            self._respond(client, 404, b"not found: try /metrics\n")
+        elif method not in (b"GET", b"HEAD"):
+            self._respond(client, 405, b"only GET and HEAD\n", extra="Allow: GET, HEAD\r\n")
+        else:
+            body = render.render(render.collect(self.board, self.sampler,
+                                                  self.max_fds)).encode()
+            self._respond(client, 200, body, content_type=render.CONTENT_TYPE,
+                          head_only=method == b"HEAD")
+
+    def _respond(self, client: HttpClient, status: int, body: bytes, *,
+                 content_type: str = "text/plain; charset=utf-8", extra: str = "",
+                 head_only: bool = False) -> None:
+        head = (f"HTTP/1.1 {status} {STATUS_TEXT[status]}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"{extra}Connection: close\r\n\r\n").encode()
+        client.response = memoryview(head if head_only else head + body)
+        self.epoll.modify(client.sock.fileno(), select.EPOLLOUT)
+        self._write(client)
+
+    def _write(self, client: HttpClient) -> None:
+        assert client.response is not None
+        try:
+            sent = client.sock.send(client.response)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(client)
+            return
+        client.response = client.response[sent:]
+        if client.response:
+            return
+        # Done: shut our side and read until the client's FIN, so that unread
+        # request bytes never turn our close into a reset that eats the answer.
+        client.response = None
+        client.lingering = True
+        client.deadline = min(client.deadline, time.monotonic() + LINGER)
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+        self.epoll.modify(client.sock.fileno(), select.EPOLLIN)
+
+    def _expire(self, now: float) -> None:
+        for client in list(self.clients.values()):
+            if now < client.deadline:
+                continue
+            if client.lingering or client.response is not None:
+                self._drop(client)
+            else:
+                self._respond(client, 408, b"request timeout\n")
+                client.deadline = now + LINGER  # a last chance to take the 408
+
+    def _drop(self, client: HttpClient) -> None:
+        fd = client.sock.fileno()
+        self.clients.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(fd)
+        client.sock.close()
+        if not self.accepting and len(self.clients) < MAX_CLIENTS:
+            self._accepting(True)

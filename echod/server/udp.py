@@ -1,0 +1,209 @@
+"""UDP echo (RFC 862): one reply datagram per datagram, same bytes, sent from the
+address the datagram arrived on, with the checks that keep an echo service from
+being used as a reflector (CERT CA-1996-01).
+
+Every worker reads the shared UDP sockets into one preallocated buffer. A socket
+bound to a specific address answers with ``recvfrom_into``/``sendto`` (the
+kernel picks that address as the source). A wildcard socket (0.0.0.0, [::]) on
+a host with several addresses could answer from the wrong one, so it asks for
+the destination of each datagram (IP_PKTINFO / IPV6_RECVPKTINFO) and names it
+as the source of the reply (``recvmsg_into``/``sendmsg``).
+
+Checks, in order, cheapest first; a datagram failing one is dropped silently and
+counted by reason:
+
+1. source port 0, 7, 13, 17, 19, 37 or ``udp_deny_source_ports`` (services that
+   answer by themselves: echo/chargen/daytime/... loops);
+2. a source that cannot be a unicast sender: IPv4 0.0.0.0/8, 224.0.0.0/4
+   (multicast) and 240.0.0.0/4 (reserved, includes 255.255.255.255); IPv6 ::
+   and ff00::/8. A subnet's directed-broadcast address looks like any unicast
+   address from here (knowing it means knowing every remote subnet's mask), so it
+   is not filtered; the kernel drops such martians on input anyway;
+3. ``allow`` / ``deny`` (when configured);
+4. the per-source token bucket, then the global one (when configured; shared by
+   every worker and exact, see ``ratelimit``).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from echod.cidr import AddressPolicy
+from echod.config import Config
+from echod.limits.ratelimit import ADMIT, OVER_SOURCE_RATE, OVER_TOTAL_RATE, SharedBuckets
+from echod.scoreboard import Counter
+
+REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
+# The largest UDP payloads: IPv4 65535 - 20 (IP header) - 8 (UDP header); IPv6
+# 65535 (payload length, header excluded) - 8. Anything larger would be an IPv6
+# jumbogram, which needs a 4 GB-MTU link: not supported.
+MAX_DATAGRAM_IPV4 = 65507
+MAX_DATAGRAM_IPV6 = 65527
+BUFFER_SIZE = 65536  # every possible datagram fits: none is ever truncated
+BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
+
+_RECEIVED = int(Counter.UDP_RECEIVED)
+_SENT = int(Counter.UDP_SENT)
+_BYTES_IN = int(Counter.UDP_BYTES_IN)
+_BYTES_OUT = int(Counter.UDP_BYTES_OUT)
+_DROPPED_PORT = int(Counter.UDP_DROPPED_PORT)
+_DROPPED_ADDRESS = int(Counter.UDP_DROPPED_ADDRESS)
+_DROPPED_RATE = int(Counter.UDP_DROPPED_RATE)
+_DROPPED_RATE_TOTAL = int(Counter.UDP_DROPPED_RATE_TOTAL)
+_ERRORS = int(Counter.ERRORS)
+
+# first octets of IPv4 sources that are never unicast senders
+_NOT_UNICAST_V4 = frozenset(str(octet) for octet in (0, *range(224, 256)))
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+Ancillary = list[tuple[int, int, bytes]]  # recvmsg's control messages
+# host, now -> 0 (pass) or the counter index of the reason to drop
+SourceCheck = Callable[[str, float], int]
+
+
+def is_unicast_source_v4(host: str) -> bool:
+    return host[:host.find(".")] not in _NOT_UNICAST_V4
+
+
+def is_unicast_source_v6(host: str) -> bool:
+    if host.startswith("ff") and host.find(":") == 4:
+        return False  # ff00::/8: a first group of four digits starting ff
+    if host == "::":
+        return False
+    if host.startswith("::ffff:"):  # maybe an IPv4 client of a dual-stack socket
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        if packed[:12] == _V4_MAPPED_PREFIX:
+            return is_unicast_source_v4(socket.inet_ntoa(packed[12:]))
+    return True
+
+
+def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceCheck | None:
+    """The optional checks (3 and 4 above) as one function, or None when none is on."""
+    policy = AddressPolicy(config.allow, config.deny)
+    permits = policy.permits if policy else None
+    rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
+    total = float(config.udp_rate_total)
+    limiter = buckets.limiter(rate, burst, total, total) if buckets is not None and (
+        rate or total) else None  # the global bucket bursts up to one second's worth
+    if permits is None and limiter is None:
+        return None
+    drop_reasons = {OVER_SOURCE_RATE: _DROPPED_RATE, OVER_TOTAL_RATE: _DROPPED_RATE_TOTAL}
+
+    def check(host: str, now: float) -> int:
+        if permits is not None and not permits(host):
+            return _DROPPED_ADDRESS
+        # hash(): keyed per master boot, the same in all its workers (see source_key)
+        if limiter is not None and (verdict := limiter(hash(host), now)) != ADMIT:
+            return drop_reasons[verdict]
+        return 0
+
+    return check
+
+
+def is_wildcard(sock: socket.socket) -> bool:
+    try:
+        host = sock.getsockname()[0]
+    except OSError:
+        return False
+    return host in ("0.0.0.0", "::")
+
+
+class DatagramEcho:
+    """Answers the datagrams waiting on one UDP socket."""
+
+    def __init__(self, sock: socket.socket, config: Config, check: SourceCheck | None,
+                 buffer: bytearray, counters: list[int]) -> None:
+        self.sock = sock
+        self.check = check
+        self.buffer = buffer
+        self.view = memoryview(buffer)
+        self.counters = counters
+        self.deny_ports = REFLECTOR_PORTS | frozenset(config.udp_deny_source_ports)
+        self.ipv6 = sock.family == socket.AF_INET6
+        self.is_unicast = is_unicast_source_v6 if self.ipv6 else is_unicast_source_v4
+        self.with_pktinfo = is_wildcard(sock)
+        if self.with_pktinfo:
+            # idempotent: every worker sets it on the shared socket before serving
+            if self.ipv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+    def on_readable(self) -> None:
+        """Answer up to BATCH waiting datagrams. A socket bound to one address lets
+        the kernel pick the reply's source; a wildcard one (with_pktinfo) answers
+        from the address each datagram was sent to."""
+        with_pktinfo, buffer, view = self.with_pktinfo, self.buffer, self.view
+        recvfrom, sendto = self.sock.recvfrom_into, self.sock.sendto
+        recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [buffer]
+        reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
+        deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
+        counters = self.counters
+        now = time.monotonic() if check is not None else 0.0
+        ancillary: Ancillary = []
+        received = sent = bytes_in = bytes_out = 0
+        for _ in range(BATCH):
+            try:
+                if with_pktinfo:
+                    size, ancillary, _flags, source = recvmsg(buffers, _PKTINFO_SPACE)
+                else:
+                    size, source = recvfrom(buffer)
+            except BlockingIOError:
+                break
+            except OSError:
+                counters[_ERRORS] += 1
+                break
+            received += 1
+            bytes_in += size
+            # checks 1-4 of the module docstring, in order; written out, not called:
+            # this runs for every datagram
+            if source[1] in deny_ports:
+                counters[_DROPPED_PORT] += 1
+                continue
+            host = source[0]
+            if not is_unicast(host):
+                counters[_DROPPED_ADDRESS] += 1
+                continue
+            if check is not None and (verdict := check(host, now)):
+                counters[verdict] += 1
+                continue
+            try:
+                if with_pktinfo:
+                    sendmsg((view[:size],), reply_from(ancillary), 0, source)
+                else:
+                    sendto(view[:size], source)
+            except OSError:  # send buffer full or the route vanished: UDP may drop
+                counters[_ERRORS] += 1
+                continue
+            sent += 1
+            bytes_out += size
+        counters[_RECEIVED] += received
+        counters[_BYTES_IN] += bytes_in
+        counters[_SENT] += sent
+        counters[_BYTES_OUT] += bytes_out
+
+
+def _reply_pktinfo_v4(ancillary: Ancillary) -> Ancillary:
+    """in_pktinfo {ifindex, spec_dst, addr}: reply from the local address the kernel
+    reports for this datagram (spec_dst: its destination, or for a broadcast the
+    interface's own address); ifindex 0 lets routing choose the way back."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return [(socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + data[4:8] + bytes(4))]
+    return []  # no pktinfo (queued before the option was set): the kernel chooses
+
+
+def _reply_pktinfo_v6(ancillary: Ancillary) -> Ancillary:
+    """in6_pktinfo {addr, ifindex}: reply from the destination address; keep the
+    interface only for link-local addresses, which mean nothing without it."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            link_local = data[0] == 0xFE and data[1] & 0xC0 == 0x80
+            pktinfo = data[:20] if link_local else data[:16] + bytes(4)
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
+    return []

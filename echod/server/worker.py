@@ -1,0 +1,622 @@
+"""A worker: one level-triggered epoll loop that accepts on the shared listeners
+and echoes every byte back (RFC 862), serving many connections at once.
+
+Hot path (inlined in ``_loop``): ``recv_into`` a preallocated buffer, ``send``
+straight back, and keep only the bytes the kernel refused. While a connection
+has ``max_buffer`` bytes pending it is not read, so memory stays bounded
+whatever clients do. Idle and lifetime deadlines live in timer wheels, touched
+per connection, never per event.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import NoReturn
+
+from echod import exitcodes, logs, procname
+from echod.config import Config
+from echod.limits.admission import (
+    REJECTED,
+    AdmissionGate,
+    SharedLimits,
+    reject,
+    tcp_limits_configured,
+)
+from echod.scoreboard import NUM_COUNTERS, Counter, State, WorkerSlot
+from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
+from echod.server.listeners import Listener
+from echod.server.signals import SignalQueue
+from echod.server.timeouts import TimeoutWheel
+from echod.server.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
+from echod.server.udp import DatagramEcho, build_source_check
+
+log = logging.getLogger("echod.worker")
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+AF_UNIX = int(socket.AF_UNIX)
+ACCEPT_BATCH = 64
+EMFILE_PAUSE = 0.5  # seconds to stop accepting when out of file descriptors
+READ_BUFFER_SIZE = 256 * 1024
+DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), before close
+FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+ACCEPT_ERROR_COUNTERS = {
+    errno.EMFILE: Counter.ACCEPT_EMFILE, errno.ENFILE: Counter.ACCEPT_ENFILE,
+    errno.ENOMEM: Counter.ACCEPT_ENOMEM, errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
+    errno.ECONNABORTED: Counter.ACCEPT_ABORTED, errno.EPROTO: Counter.ACCEPT_ABORTED,
+}
+ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
+# Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
+FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
+
+
+class Connection:
+    __slots__ = ("accepted_at", "bytes_in", "bytes_out", "fd", "last_active", "peer",
+                 "peer_eof", "pending", "reading", "recv_into", "send", "sock", "ticket")
+
+    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        # bound once here rather than looked up on every event
+        self.recv_into = sock.recv_into
+        self.send = sock.send
+        self.peer = peer
+        self.pending = bytearray()  # echo bytes the kernel did not take yet
+        self.peer_eof = False  # the client shut down its write side
+        self.reading = True
+        self.last_active = now  # last time bytes moved either way
+        self.accepted_at = now
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.ticket: int | None = None  # counted by the AdmissionGate: release at close
+
+
+@dataclass
+class WorkerIdentity:
+    worker_id: int
+    generation: int
+    master_pid: int
+
+
+class Worker:
+    def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
+        self.config = config
+        self.listeners = {listener.fileno(): listener for listener in listeners}
+        self.registered: set[int] = set()  # listeners in our epoll set
+        self.heartbeat_interval = min(1.0, config.worker_timeout / 4)
+        self.balancer = AcceptBalancer(slot, self.heartbeat_interval)
+        self.slot = slot
+        self.identity = identity
+        self.master_alive_fd = master_alive_fd
+        self.epoll = select.epoll()
+        self.connections: dict[int, Connection] = {}
+        self.idle_timeout = config.idle_timeout
+        self.max_lifetime = config.max_connection_lifetime
+        self.idle_wheel: TimeoutWheel[Connection] | None = (
+            TimeoutWheel.for_timeout(self.idle_timeout) if self.idle_timeout else None)
+        self.lifetime_wheel: TimeoutWheel[Connection] | None = (
+            TimeoutWheel.for_timeout(self.max_lifetime) if self.max_lifetime else None)
+        # how soon after an accept the first deadline can fall
+        self.shortest_timeout = min(t for t in (self.idle_timeout, self.max_lifetime, 1e9) if t)
+        self.buffer = bytearray(min(READ_BUFFER_SIZE, config.max_buffer))
+        self.view = memoryview(self.buffer)
+        self.max_buffer = config.max_buffer
+        self.accepting = False
+        self.accept_resume_at = 0.0
+        self.capacity_paused = False
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.stopping = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.accepted = 0
+        self.counters = [0] * NUM_COUNTERS
+        # None when no TCP limit is configured: the accept path then checks nothing
+        self.admission = AdmissionGate(config, limits.connections, identity.worker_id - 1,
+                                       self.counters) if tcp_limits_configured(config) else None
+        self.datagram_echoes = self._datagram_echoes(limits)
+        self.recycle_after = _recycle_threshold(config, identity.worker_id)
+        self.next_housekeeping = 0.0
+        self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
+        self.signals: SignalQueue | None = None
+
+    # -- life cycle ----------------------------------------------------------------
+    def run(self) -> NoReturn:
+        try:
+            self._boot()
+        except Exception as exc:  # anything before serving is fatal: stop the crash loop
+            log.error("worker failed to start: %s", exc, exc_info=True)
+            os._exit(exitcodes.WORKER_BOOT_FATAL)
+        try:
+            self._loop()
+        except Exception:
+            log.critical("worker crashed", exc_info=True)
+            os._exit(exitcodes.FAILURE)
+        self._close_all(Counter.CLOSED_SHUTDOWN)
+        self._publish(time.monotonic())  # final counters: the master folds them in on reap
+        self.error_log.flush()
+        log.info("worker exiting")
+        logging.shutdown()
+        os._exit(exitcodes.OK)
+
+    def _boot(self) -> None:
+        if os.environ.get(FAULT_INJECTION_ENV) == "boot":
+            raise RuntimeError(f"boot failure injected by {FAULT_INJECTION_ENV}")
+        self.signals = SignalQueue(WORKER_SIGNALS)
+        # The master blocked signals around fork(); ours are installed now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        _enable_stack_dumps(self.config)
+        for listener in self.listeners.values():
+            if not listener.is_datagram and listener.sock.family != socket.AF_UNIX:
+                # accepted sockets inherit it: one call here instead of one per connection
+                listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.epoll.register(self.signals.fileno(), EPOLLIN)
+        self.epoll.register(self.master_alive_fd, EPOLLIN)
+        self.balancer.open()
+        if os.getppid() != self.identity.master_pid:
+            log.warning("master died while this worker started; exiting")
+            os._exit(exitcodes.OK)
+        self._resume_accepting()
+        now = time.monotonic()
+        self.slot.set_state(State.READY)
+        self.slot.heartbeat(now)
+        log.debug("worker serving", extra={"fields": {"generation": self.identity.generation}})
+
+    def _loop(self) -> None:
+        # The hot path is written out here rather than called: a readable connection
+        # with nothing queued is read into the worker's buffer and echoed straight
+        # back. Everything else (backpressure, half-close, errors, listeners,
+        # signals) goes through methods.
+        poll = self.epoll.poll
+        find = self.connections.get
+        buffer = self.buffer
+        view = self.view
+        monotonic = time.monotonic
+        reset = Counter.CLOSED_RESET
+        while not self.stopping:
+            now = monotonic()
+            if now >= self.next_housekeeping:
+                self._housekeeping(now)
+            events = poll(max(0.0, self.next_housekeeping - now))
+            now = monotonic()
+            moved_in = moved_out = 0
+            for fd, mask in events:
+                conn = find(fd)
+                if conn is None:
+                    self._on_control_event(fd, now)
+                    continue
+                if conn.pending:
+                    self._on_backlogged(conn, mask, now)
+                    continue
+                # Nothing queued, so the connection is registered for EPOLLIN only and
+                # whatever woke us (data, EOF, an error) is for recv to report.
+                try:
+                    received = conn.recv_into(buffer)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._close(conn, reset)
+                    continue
+                if not received:
+                    self._on_peer_eof(conn)
+                    continue
+                try:
+                    sent = conn.send(view[:received])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(conn, reset)
+                    continue
+                moved_in += received
+                moved_out += sent
+                conn.bytes_in += received
+                conn.bytes_out += sent
+                conn.last_active = now
+                if sent < received:
+                    self._keep_unsent(conn, view[sent:received])
+            self.bytes_in += moved_in
+            self.bytes_out += moved_out
+            if self.draining and (not self.connections or now >= self.drain_deadline):
+                if self.connections:
+                    log.info("graceful timeout: closing %d connection(s)", len(self.connections))
+                self.stopping = True
+
+    def _on_control_event(self, fd: int, now: float) -> None:
+        listener = self.listeners.get(fd)
+        if listener is not None:
+            if listener.is_datagram:
+                self.datagram_echoes[fd].on_readable()
+            else:
+                before = self.accepted
+                self._accept(listener, now,
+                             self.balancer.accept_budget(len(self.connections), ACCEPT_BATCH))
+                if self.accepted != before:
+                    self._after_accepting(listener, now)
+        elif self.signals is not None and fd == self.signals.fileno():
+            self._on_signals()
+        elif fd == self.master_alive_fd:
+            log.warning("master is gone; closing %d connection(s) and exiting",
+                        len(self.connections))
+            self.stopping = True
+
+    def _housekeeping(self, now: float) -> None:
+        if self.idle_wheel:
+            self._expire_idle(now)
+        if self.lifetime_wheel:
+            self._expire_lifetimes(now)
+        if not self.accepting and not self.draining and not self.capacity_paused \
+                and now >= self.accept_resume_at:
+            self._resume_accepting()
+        standing_aside = self.balancer.state == AcceptState.ASIDE
+        if standing_aside and self.balancer.should_rejoin(len(self.connections)):
+            self._rejoin()
+            standing_aside = False
+        self._publish(now)
+        self.error_log.flush()
+        next_tick = now + self.heartbeat_interval
+        for wheel in (self.idle_wheel, self.lifetime_wheel):
+            if wheel:
+                next_tick = min(next_tick, wheel.next_deadline() or next_tick)
+        if not self.accepting and self.accept_resume_at > now:
+            next_tick = min(next_tick, self.accept_resume_at)
+        if standing_aside:
+            next_tick = min(next_tick, now + ASIDE_RECHECK)
+        self.next_housekeeping = next_tick
+
+    def _publish(self, now: float) -> None:
+        counters = self.counters
+        counters[Counter.ACCEPTED] = self.accepted
+        counters[Counter.BYTES_IN] = self.bytes_in
+        counters[Counter.BYTES_OUT] = self.bytes_out
+        self.slot.publish(now, len(self.connections), counters)
+
+    def _on_signals(self) -> None:
+        assert self.signals is not None
+        for signum in self.signals.drain():
+            if signum == signal.SIGTERM:
+                self._start_draining("stop requested")
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                log.info("fast stop: closing %d connection(s)", len(self.connections))
+                self.stopping = True
+            elif signum == signal.SIGUSR1:
+                logs.reopen_log_files()
+            elif signum == NUDGE:  # a peer took more than its share: our turn again?
+                self.next_housekeeping = 0.0
+            # HUP, TTIN, TTOU, USR2 are the master's business
+
+    def _start_draining(self, why: str) -> None:
+        if self.draining:
+            return
+        log.info("draining (%s): %d connection(s) open", why, len(self.connections))
+        self.draining = True
+        now = time.monotonic()
+        self.drain_deadline = now + self.config.graceful_timeout
+        self._pause_accepting()
+        for listener in self.listeners.values():
+            # EPOLLEXCLUSIVE may have woken only us for connections already queued:
+            # take them before letting go, or they would wait for the next arrival.
+            if not listener.is_datagram:
+                self._accept_all_queued(listener, now)
+            listener.close(unlink=False)  # our copy only: the master owns the socket
+        self.listeners.clear()
+        self.slot.set_state(State.DRAINING)
+        self.next_housekeeping = 0.0
+
+    def _request_recycling(self) -> None:
+        """Ask the master for a replacement; it sends TERM once that one serves."""
+        log.info("recycling after %d connections", self.accepted)
+        self.slot.set_state(State.RETIRING)
+
+    # -- accepting (which worker accepts: see echod.server.balance) ----------------------------
+    def _listen(self, fd: int) -> None:
+        # EPOLLEXCLUSIVE: one worker woken per connection, not all of them; the
+        # registration also puts us at the back of the listener's wake-up queue.
+        self.epoll.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.registered.add(fd)
+
+    def _unlisten(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        self.registered.discard(fd)
+
+    def _resume_accepting(self) -> None:
+        for fd in self.listeners:
+            if fd not in self.registered:
+                self._listen(fd)
+        self.accepting = True
+        self.capacity_paused = False
+        self.balancer.set_state(AcceptState.LISTENING)
+
+    def _pause_accepting(self) -> None:
+        for fd in list(self.registered):
+            self._unlisten(fd)
+        self.accepting = False
+        self.balancer.set_state(AcceptState.OFF)
+
+    def _after_accepting(self, listener: Listener, now: float) -> None:
+        """Publish our load, then go to the back of the queue or stand aside."""
+        self._publish(now)  # all counters, so that readers see them agree with the load
+        if not self.accepting or not self.balancer.has_peers():
+            return
+        if self.balancer.should_stand_aside(len(self.connections)):
+            for fd, stream in self.listeners.items():
+                if not stream.is_datagram and fd in self.registered:
+                    self._unlisten(fd)
+            self.next_housekeeping = min(self.next_housekeeping, now + ASIDE_RECHECK)
+            return
+        # Re-registering moves us behind the workers already waiting, so that the
+        # next connection wakes one of them: the kernel wakes waiters in order.
+        fd = listener.fileno()
+        self._unlisten(fd)
+        self._listen(fd)
+
+    def _rejoin(self) -> None:
+        for fd, stream in self.listeners.items():
+            if not stream.is_datagram and fd not in self.registered:
+                self._listen(fd)
+        self.balancer.set_state(AcceptState.LISTENING)
+
+    def _accept(self, listener: Listener, now: float, budget: int = ACCEPT_BATCH) -> None:
+        # socket.accept() would turn the family and type into enums for every
+        # connection (a tenth of the accept path's Python time): wrap the fd ourselves.
+        accept_fd = listener.sock._accept
+        family, kind, proto = listener.shape
+        connections = self.connections
+        limit = self.config.max_connections
+        gate = self.admission if family != AF_UNIX else None
+        for _ in range(budget):
+            if len(connections) >= limit:
+                # leave further connections to workers with room
+                self._pause_accepting()
+                self.capacity_paused = True
+                self.counters[Counter.REJECTED_MAX_CONNECTIONS] += 1
+                return
+            try:
+                fd, peer = accept_fd()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
+                if exc.errno in FD_EXHAUSTED:
+                    self._out_of_descriptors(exc, now)
+                elif exc.errno not in ACCEPT_TRANSIENT:
+                    self.counters[Counter.ERRORS] += 1
+                    self.error_log.log(logging.WARNING, "accept on %s failed: %s",
+                                       listener.bound, exc.strerror,
+                                       key=f"accept {listener.bound} {exc.errno}")
+                return
+            client = socket.socket(family, kind, proto, fd)
+            ticket = None
+            if gate is not None:
+                ticket = gate.admit(peer[0])
+                if ticket == REJECTED:
+                    reject(client)
+                    continue
+            client.setblocking(False)
+            conn = Connection(client, peer, now)
+            conn.ticket = ticket
+            connections[conn.fd] = conn
+            self.epoll.register(conn.fd, EPOLLIN)
+            if self.idle_wheel is not None:
+                self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
+            if self.lifetime_wheel is not None:
+                self.lifetime_wheel.add(conn.fd, conn, now + self.max_lifetime)
+            self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
+            self.accepted += 1
+            if self.accepted == self.recycle_after:
+                self._request_recycling()
+
+    def _accept_all_queued(self, listener: Listener, now: float) -> None:
+        for _ in range(1000):  # bounded: the backlog is finite, but stay safe
+            before = self.accepted
+            self._accept(listener, now)
+            if self.accepted - before < ACCEPT_BATCH:
+                return
+
+    def _out_of_descriptors(self, exc: OSError, now: float) -> None:
+        self._pause_accepting()
+        self.accept_resume_at = now + EMFILE_PAUSE
+        self.next_housekeeping = min(self.next_housekeeping, self.accept_resume_at)
+        self.counters[Counter.ACCEPT_PAUSED_EMFILE] += 1
+        self.error_log.log(logging.WARNING, "out of file descriptors (%s) with %d connection(s) "
+                           "open: pausing accept for %.1fs", exc.strerror, len(self.connections),
+                           EMFILE_PAUSE, key="out of file descriptors")
+
+    # -- echoing (the common case is inlined in _loop) ------------------------------
+    def _keep_unsent(self, conn: Connection, unsent: memoryview) -> None:
+        """The kernel took only part of an echo: queue the rest, stop reading if full."""
+        conn.pending += unsent
+        conn.reading = len(conn.pending) < self.max_buffer
+        self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN if conn.reading else EPOLLOUT)
+
+    def _on_backlogged(self, conn: Connection, mask: int, now: float) -> None:
+        """An event on a connection that still has echo bytes queued."""
+        if mask & EPOLLOUT:
+            self._flush(conn, now)
+            if not conn.pending or self.connections.get(conn.fd) is not conn:
+                return  # all flushed (unread input is reported again: level-triggered) or closed
+        if mask & (EPOLLIN | EPOLLERR):
+            if conn.reading:
+                self._read_behind(conn, now)
+            elif mask & EPOLLERR:
+                self._close(conn, Counter.CLOSED_RESET)
+
+    def _read_behind(self, conn: Connection, now: float) -> None:
+        """Read while earlier bytes still wait to be sent: queue behind them, in order."""
+        pending = conn.pending
+        room = self.max_buffer - len(pending)
+        try:
+            received = conn.recv_into(self.buffer, min(room, len(self.buffer)))
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn, Counter.CLOSED_RESET)
+            return
+        if not received:
+            self._on_peer_eof(conn)
+            return
+        self.bytes_in += received
+        conn.bytes_in += received
+        conn.last_active = now
+        pending += self.view[:received]
+        if len(pending) >= self.max_buffer:
+            conn.reading = False
+            self.epoll.modify(conn.fd, EPOLLOUT)
+
+    def _flush(self, conn: Connection, now: float) -> None:
+        pending = conn.pending
+        try:
+            sent = conn.send(pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn, Counter.CLOSED_RESET)
+            return
+        self.bytes_out += sent
+        conn.bytes_out += sent
+        conn.last_active = now
+        del pending[:sent]
+        if pending:
+            if not conn.reading and not conn.peer_eof and len(pending) < self.max_buffer:
+                conn.reading = True
+                self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN)
+            return
+        if conn.peer_eof:
+            self._close(conn, Counter.CLOSED_EOF)  # everything echoed after half-close
+            return
+        conn.reading = True
+        self.epoll.modify(conn.fd, EPOLLIN)
+
+    def _on_peer_eof(self, conn: Connection) -> None:
+        if not conn.pending:
+            self._close(conn, Counter.CLOSED_EOF)
+            return
+        # half-close: send back what is pending, then close
+        conn.peer_eof = True
+        conn.reading = False
+        self.epoll.modify(conn.fd, EPOLLOUT)
+
+    def _close(self, conn: Connection, reason: Counter) -> None:
+        if self.connections.get(conn.fd) is not conn:
+            return  # closed already (and the fd perhaps reused)
+        del self.connections[conn.fd]
+        self.counters[reason] += 1
+        if self.idle_wheel is not None:
+            self.idle_wheel.discard(conn.fd)
+        if self.lifetime_wheel is not None:
+            self.lifetime_wheel.discard(conn.fd)
+        # Closing also takes the fd out of the epoll set (no other process holds it),
+        # which saves an epoll_ctl per connection.
+        conn.sock.close()
+        if conn.ticket is not None and self.admission is not None:
+            self.admission.release(conn.ticket)
+            conn.ticket = None
+        self.balancer.set_open(len(self.connections))
+        if self.capacity_paused and len(self.connections) < self.config.max_connections \
+                and not self.draining:
+            self._resume_accepting()
+        elif self.balancer.state == AcceptState.ASIDE and not self.draining \
+                and self.balancer.should_rejoin(len(self.connections)):
+            self._rejoin()
+
+    def _close_all(self, reason: Counter) -> None:
+        for conn in list(self.connections.values()):
+            _shutdown_gently(conn.sock)
+            self._close(conn, reason)
+
+    def _expire_idle(self, now: float) -> None:
+        assert self.idle_wheel is not None
+        for conn in self.idle_wheel.pop_due(now):
+            deadline = conn.last_active + self.idle_timeout
+            if deadline <= now:  # no byte moved either way for idle_timeout
+                log.debug("closing idle connection from %s", conn.peer)
+                self._close(conn, Counter.CLOSED_IDLE)
+            else:
+                self.idle_wheel.add(conn.fd, conn, deadline)
+
+    def _expire_lifetimes(self, now: float) -> None:
+        assert self.lifetime_wheel is not None
+        for conn in self.lifetime_wheel.pop_due(now):
+            log.debug("closing connection from %s: max_connection_lifetime", conn.peer)
+            _shutdown_gently(conn.sock)
+            self._close(conn, Counter.CLOSED_LIFETIME)
+
+    # -- UDP -----------------------------------------------------------------------
+    def _datagram_echoes(self, limits: SharedLimits) -> dict[int, DatagramEcho]:
+        datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
+        if not datagram_listeners:
+            return {}
+        buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
+        check = build_source_check(self.config, limits.udp_buckets)
+        return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
+                for lst in datagram_listeners}
+
+
+def _shutdown_gently(sock: socket.socket) -> None:
+    """FIN instead of RST: shut our side, drop a bounded amount of unread input."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        drained = 0
+        while drained < DRAIN_LIMIT:
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+
+
+def _recycle_threshold(config: Config, worker_id: int) -> int:
+    if not config.max_connections_per_child:
+        return 0
+    jitter = config.max_connections_per_child_jitter
+    # spread restarts so that workers started together do not recycle together
+    spread = int.from_bytes(os.urandom(4), "little") % (jitter + 1) if jitter else 0
+    return config.max_connections_per_child + spread
+
+
+def _enable_stack_dumps(config: Config) -> None:
+    """On SIGABRT (a hung worker), write every thread's stack, then die.
+
+    The dump goes to a file the master logs, in log_format, when it reaps us
+    (faulthandler writes raw text from C; it could not follow the JSON format).
+    """
+    path = logs.stack_dump_path(os.path.dirname(config.pidfile_path), os.getpid())
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fds = logs.log_file_descriptors()
+        target = fds[0] if fds else sys.stderr.fileno()
+    try:
+        faulthandler.enable(file=target, all_threads=True)
+    except (OSError, ValueError, RuntimeError):
+        pass
+
+
+def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
+                 identity: WorkerIdentity, master_alive_fd: int,
+                 limits: SharedLimits) -> NoReturn:
+    """Entry point in the freshly forked child."""
+    logs.set_role(f"worker {identity.worker_id}")
+    procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
+    procname.die_with_parent()
+    worker_class = Worker
+    if config.access_log:  # decided once: without an access log the hot path pays nothing
+        from echod.server.access import AccessLoggingWorker
+
+        worker_class = AccessLoggingWorker
+    worker_class(config, listeners, slot, identity, master_alive_fd, limits).run()

@@ -1,0 +1,1 @@
+"""Helpers shared by echod's tests: real processes, sockets, load, fake servers."""
