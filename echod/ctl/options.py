@@ -162,11 +162,6 @@ def _parse_float(text: str) -> float:
     return number
 
 
-def format_address(host: str, port: int) -> str:
-    """HOST:PORT, with IPv6 addresses in brackets so the port stays unambiguous."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def format_ms(milliseconds: float) -> str:
     return f"{milliseconds:.3f}"
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from echod.ctl.options import format_address, format_ms
+from echod.addresses import format_host_port
+from echod.ctl.options import format_ms
 from echod.ctl.payload import describe_mismatch
 from echod.ctl.stats import RttStats
 from echod.errors import EchodError
@@ -58,7 +59,7 @@ class Target:
         return "udp" if self.udp else "tcp"
 
     def __str__(self) -> str:
-        return format_address(self.host, self.port)
+        return format_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ResolvedTarget:
 
     @property
     def address(self) -> str:
-        return format_address(self.sockaddr[0], self.sockaddr[1])
+        return format_host_port(self.sockaddr[0], self.sockaddr[1])
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -51,6 +51,7 @@ import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
+from echod.addresses import format_host_port
 from echod.errors import BindError
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,8 @@ class InheritedSocket:
                 path = "@" + path[1:].decode(errors="replace")
             return f"unix:{path}"
         assert isinstance(self.address, tuple)
-        host, port = self.address[0], self.address[1]
-        host_port = f"[{host}]:{port}" if self.family == socket.AF_INET6 else f"{host}:{port}"
+        # An AF_INET6 host always contains ":", so it gets its brackets.
+        host_port = format_host_port(self.address[0], self.address[1])
         return f"udp://{host_port}" if self.type == socket.SOCK_DGRAM else host_port
 
     def socket(self) -> socket.socket:
