@@ -161,12 +161,3 @@ def _parse_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return number
 
-
-def format_ms(milliseconds: float) -> str:
-    return f"{milliseconds:.3f}"
-
-
-def format_percent(value: float) -> str:
-    """0, 33.3, 100: whole numbers without decimals, the rest with one."""
-    text = f"{value:.1f}"
-    return text.removesuffix(".0")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from echod.addresses import format_host_port
-from echod.ctl.options import format_ms
+from echod.ctl.output import format_ms
 from echod.ctl.payload import describe_mismatch
 from echod.ctl.stats import RttStats
 from echod.errors import EchodError
