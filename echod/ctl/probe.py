@@ -188,16 +188,6 @@ def iter_probes(resolved: ResolvedTarget, settings: ProbeSettings) -> Iterator[P
         session.close()
 
 
-def probe_once(
-    host: str, port: int, payload: bytes, *, udp: bool = False, timeout_s: float = 2.0
-) -> ProbeResult:
-    """Send one payload and verify its echo: the smallest health check."""
-    resolved = resolve(Target(host, port, udp=udp))
-    settings = ProbeSettings(payload=payload, count=1, timeout_s=timeout_s)
-    results = [o for o in iter_probes(resolved, settings) if isinstance(o, ProbeResult)]
-    return results[0]
-
-
 @dataclass
 class ProbeSummary:
     sent: int = 0
