@@ -3,10 +3,9 @@
 from typing import Final
 
 OK: Final = 0
-FAILURE: Final = 1  # anything else
+FAILURE: Final = 1  # anything else, a bug included (SPEC: never a traceback)
 USAGE: Final = 64  # bad command line, including a malformed --bind
 UNAVAILABLE: Final = 69  # cannot bind or listen, or already running
-SOFTWARE: Final = 70  # internal error (never expected)
 NOPERM: Final = 77  # privilege drop failed
 CONFIG: Final = 78  # bad or missing config file
 

@@ -104,13 +104,6 @@ def positive_int(text: str) -> int:
     return number
 
 
-def non_negative_int(text: str) -> int:
-    number = _parse_int(text)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
-    return number
-
-
 def positive_float(text: str) -> float:
     number = _parse_float(text)
     if number <= 0:
