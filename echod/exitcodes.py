@@ -9,6 +9,10 @@ UNAVAILABLE: Final = 69  # cannot bind or listen, or already running
 NOPERM: Final = 77  # privilege drop failed
 CONFIG: Final = 78  # bad or missing config file
 
+# echoctl send / bench: nothing answered at all, or nothing could connect (as
+# ping exits 2); some answers but wrong or missing ones are FAILURE.
+NO_ANSWER: Final = 2
+
 # A worker that cannot even start (it failed before serving) exits with this,
 # so the master stops respawning instead of entering a crash loop.
 WORKER_BOOT_FATAL: Final = 3

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from echod import exitcodes
 from echod.ctl import options
 from echod.ctl.payload import DEFAULT_SEED, CyclicPattern, describe_mismatch
 from echod.ctl.probe import Target, resolve
@@ -538,10 +539,10 @@ class BenchResult:
         # A mismatch means the server answered, wrongly: that is "broken" (1),
         # not "unreachable" (2), even if no round trip completed.
         if self.mismatches:
-            return 1
+            return exitcodes.FAILURE
         if self.completed == 0:
-            return 2
-        return 1 if self.errors else 0
+            return exitcodes.NO_ANSWER
+        return exitcodes.FAILURE if self.errors else exitcodes.OK
 
     @property
     def rate_label(self) -> str:

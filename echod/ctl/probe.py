@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from echod import exitcodes
 from echod.addresses import format_host_port
 from echod.ctl.output import format_ms
 from echod.ctl.payload import describe_mismatch
@@ -43,7 +44,7 @@ EventKind = Literal["duplicate", "late", "unexpected", "closed"]
 class ProbeTargetError(EchodError):
     """The target cannot be resolved, so nothing can answer: exit 2, like a refusal."""
 
-    exit_code = 2
+    exit_code = exitcodes.NO_ANSWER
 
 
 @dataclass(frozen=True)
@@ -242,10 +243,10 @@ class ProbeSummary:
     def exit_code(self) -> int:
         """0 every probe echoed exactly; 2 nothing answered at all; 1 anything in between."""
         if not self.anything_answered:
-            return 2
+            return exitcodes.NO_ANSWER
         if self.received == self.sent and not self.faults:
-            return 0
-        return 1
+            return exitcodes.OK
+        return exitcodes.FAILURE
 
     def to_json(self) -> dict[str, Any]:
         return {
