@@ -16,12 +16,18 @@ venv: $(BIN)/echod
 run: venv
 	$(BIN)/echod --foreground
 
-test: venv
-	$(BIN)/ruff check echod tests benchmarks
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Style (ruff), the package boundaries (lint-imports, contracts in pyproject.toml)
+# and dead code (vulture). All three run even when one fails, so one run shows
+# every problem; lint fails if any did.
 lint: venv
-	$(BIN)/ruff check echod tests benchmarks
+	@status=0; \
+	$(BIN)/ruff check echod tests benchmarks || status=1; \
+	$(BIN)/lint-imports --no-logo || status=1; \
+	$(BIN)/vulture || status=1; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -46,6 +46,11 @@ class Address:
 
 
 def format_host_port(host: str, port: int) -> str:
+    """HOST:PORT, with IPv6 addresses in brackets so the port stays unambiguous.
+
+    The one spelling of an address that echod logs, echoctl prints and the
+    socket-activation code matches against ``--bind``.
+    """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -3,12 +3,15 @@
 from typing import Final
 
 OK: Final = 0
-FAILURE: Final = 1  # anything else
+FAILURE: Final = 1  # anything else, a bug included (SPEC: never a traceback)
 USAGE: Final = 64  # bad command line, including a malformed --bind
 UNAVAILABLE: Final = 69  # cannot bind or listen, or already running
-SOFTWARE: Final = 70  # internal error (never expected)
 NOPERM: Final = 77  # privilege drop failed
 CONFIG: Final = 78  # bad or missing config file
+
+# echoctl send / bench: nothing answered at all, or nothing could connect (as
+# ping exits 2); some answers but wrong or missing ones are FAILURE.
+NO_ANSWER: Final = 2
 
 # A worker that cannot even start (it failed before serving) exits with this,
 # so the master stops respawning instead of entering a crash loop.

@@ -1,8 +1,9 @@
 """`echoctl bench`: a load generator for any TCP echo server.
 
-Each bench process runs many non-blocking connections on one selector
+Each bench client process runs many non-blocking connections on one selector
 (epoll on Linux); -P forks several processes so that one Python interpreter
-is not the bottleneck, and their reports are merged. Every byte that comes
+is not the bottleneck, and their reports are merged. ("Client", never
+"worker": workers are the echod processes under test.) Every byte that comes
 back is verified against a per-connection position in a seeded cyclic
 pattern, so checking costs one slice comparison per read.
 
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from echod import exitcodes
 from echod.ctl import options
 from echod.ctl.payload import DEFAULT_SEED, CyclicPattern, describe_mismatch
 from echod.ctl.probe import Target, resolve
@@ -45,7 +47,7 @@ _IO_SIZE = 65536  # largest single send/recv; also the pattern's max chunk
 _STREAM_WINDOW = 65536  # bytes in flight per stream connection (at least one chunk)
 _TICK_S = 0.1  # how often stalled connections and progress are looked at
 _MAX_ERROR_SAMPLES = 5
-# After the run, how long the parent waits for workers to report beyond the
+# After the run, how long the parent waits for client processes to report beyond the
 # duration and timeout before it gives up on them.
 _REPORT_GRACE_S = 5.0
 
@@ -140,8 +142,8 @@ class BenchSettings:
 
 
 @dataclass
-class WorkerReport:
-    """What one bench process measured; reports merge by adding up."""
+class ClientReport:
+    """What one client process measured; reports merge by adding up."""
 
     completed_rr: int = 0  # round trips verified (rr mode)
     bytes_echoed: int = 0  # bytes verified
@@ -202,20 +204,20 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def run_bench(settings: BenchSettings, *, show_progress: bool = False) -> list[WorkerReport]:
+def run_bench(settings: BenchSettings, *, show_progress: bool = False) -> list[ClientReport]:
     """Fork the bench processes, wait (bounded) for their reports, reap them all."""
     context = multiprocessing.get_context("fork")
     progress = context.Array("q", settings.processes, lock=False)
     receivers: dict[multiprocessing.connection.Connection, int] = {}
     processes: list[multiprocessing.process.BaseProcess] = []
-    reports: dict[int, WorkerReport] = {}
+    reports: dict[int, ClientReport] = {}
     first_id = 0
     try:
         for index in range(settings.processes):
             share = _connections_for(index, settings)
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(
-                target=_worker_main,
+                target=_client_main,
                 args=(settings, index, first_id, share, sender, progress),
                 name=f"echoctl-bench-{index}",
                 daemon=True,
@@ -237,7 +239,7 @@ def run_bench(settings: BenchSettings, *, show_progress: bool = False) -> list[W
             if show_progress:
                 _show_progress(settings, started, sum(progress))
         for index in receivers.values():
-            reports[index] = WorkerReport()
+            reports[index] = ClientReport()
             reports[index].note_error(f"bench process {index} did not report in time")
         if show_progress:
             sys.stderr.write("\r\033[K")
@@ -261,13 +263,13 @@ def _connections_for(index: int, settings: BenchSettings) -> int:
     return share + (1 if index < remainder else 0)
 
 
-def _receive_report(receiver: multiprocessing.connection.Connection) -> WorkerReport:
+def _receive_report(receiver: multiprocessing.connection.Connection) -> ClientReport:
     try:
         report = receiver.recv()
     except (EOFError, OSError):
         report = None
-    if not isinstance(report, WorkerReport):
-        report = WorkerReport()
+    if not isinstance(report, ClientReport):
+        report = ClientReport()
         report.note_error("a bench process died without reporting")
     return report
 
@@ -291,7 +293,7 @@ def _show_progress(settings: BenchSettings, started: float, completed: int) -> N
     sys.stderr.flush()
 
 
-def _worker_main(
+def _client_main(
     settings: BenchSettings,
     index: int,
     first_id: int,
@@ -301,9 +303,9 @@ def _worker_main(
 ) -> None:
     # Ctrl-C is the parent's to handle: it stops and reaps us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    report = WorkerReport()
+    report = ClientReport()
     try:
-        report = _BenchWorker(settings, index, first_id, connection_count, progress).run()
+        report = _ClientLoop(settings, index, first_id, connection_count, progress).run()
     except Exception as exc:  # reported, not raised: the parent must hear from us
         report.note_error(f"bench process {index}: {type(exc).__name__}: {exc}")
     try:
@@ -312,8 +314,8 @@ def _worker_main(
         sender.close()
 
 
-class _BenchWorker:
-    """One process's event loop over its share of the connections."""
+class _ClientLoop:
+    """One client process's event loop over its share of the connections."""
 
     def __init__(
         self,
@@ -329,11 +331,11 @@ class _BenchWorker:
         self.connection_count = connection_count
         self.progress = progress
         self.pattern = CyclicPattern(seed=settings.seed, max_chunk=_IO_SIZE)
-        self.report = WorkerReport()
+        self.report = ClientReport()
         self.selector = selectors.DefaultSelector()
         self.connections: set[_Connection] = set()
 
-    def run(self) -> WorkerReport:
+    def run(self) -> ClientReport:
         started = time.monotonic()
         deadline = started + self.settings.duration_s
         try:
@@ -505,7 +507,7 @@ class BenchResult:
     error_samples: list[str]
 
     @classmethod
-    def from_reports(cls, settings: BenchSettings, reports: Sequence[WorkerReport]) -> BenchResult:
+    def from_reports(cls, settings: BenchSettings, reports: Sequence[ClientReport]) -> BenchResult:
         completed = sum(r.completed_rr if settings.mode == "rr" else r.chunks for r in reports)
         # Each process ran its own clock; summing per-process rates does not
         # penalise a process that started a little later than the others.
@@ -537,10 +539,10 @@ class BenchResult:
         # A mismatch means the server answered, wrongly: that is "broken" (1),
         # not "unreachable" (2), even if no round trip completed.
         if self.mismatches:
-            return 1
+            return exitcodes.FAILURE
         if self.completed == 0:
-            return 2
-        return 1 if self.errors else 0
+            return exitcodes.NO_ANSWER
+        return exitcodes.FAILURE if self.errors else exitcodes.OK
 
     @property
     def rate_label(self) -> str:

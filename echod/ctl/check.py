@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from echod.ctl import options
+from echod.ctl import options, output
 from echod.ctl.payload import DEFAULT_MESSAGE, seeded_bytes
 from echod.ctl.probe import (
     MAX_UDP_PAYLOAD,
@@ -175,7 +175,7 @@ def check_echo(
     ) or next((o for o in outcomes if isinstance(o, ProbeEvent) and o.fault), None)
     text = f"{summary.received}/{summary.sent} echoed"
     if summary.rtt is not None:
-        text += f", rtt avg {options.format_ms(summary.rtt.avg_ms)} ms"
+        text += f", rtt avg {output.format_ms(summary.rtt.avg_ms)} ms"
     if problems:
         text += f" ({', '.join(problems)})"
     if isinstance(first_failure, ProbeResult):
@@ -193,7 +193,7 @@ def judge(summary: ProbeSummary, thresholds: Thresholds) -> tuple[int, list[str]
     if summary.wrong or summary.faults:
         problems.append((CRITICAL, "wrong bytes echoed"))
     loss = summary.loss_percent
-    loss_text = f"loss {options.format_percent(loss)}%"
+    loss_text = f"loss {output.format_percent(loss)}%"
     if summary.received and loss > thresholds.loss_crit_pct:
         problems.append((CRITICAL, f"{loss_text} > {thresholds.loss_crit_pct:g}%"))
     elif summary.received and loss > thresholds.loss_warn_pct:
@@ -213,6 +213,6 @@ def perfdata(rtt: RttStats | None, loss_percent: float, thresholds: Thresholds) 
     rtt_value = f"{rtt.avg_ms:.3f}ms" if rtt is not None else "U"
     return (
         f"rtt={rtt_value};{thresholds.rtt_warn_ms:g};{thresholds.rtt_crit_ms:g};0 "
-        f"loss={options.format_percent(loss_percent)}%;"
+        f"loss={output.format_percent(loss_percent)}%;"
         f"{thresholds.loss_warn_pct:g};{thresholds.loss_crit_pct:g}"
     )

@@ -1,7 +1,8 @@
 """``echoctl reload | stop | scale | reopen-logs | upgrade``: signal the master, then
 wait (bounded) until the scoreboard shows the effect, and say what happened.
 
-Exit 0 done, 1 failed or timed out, 3 no master runs.
+Exit 0 done, 1 failed or timed out, 3 no master runs, 64 bad usage; what went
+wrong goes to stderr.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psutil
 
+from echod import exitcodes
 from echod.ctl.target import RunningMaster, find_master
+from echod.errors import UsageError
 from echod.scoreboard import MasterCounter, State
 
 T = TypeVar("T")
@@ -75,6 +79,12 @@ def _wait(condition: Callable[[], T | None], timeout: float) -> T:
         time.sleep(POLL_INTERVAL)
 
 
+def _fail(message: str) -> int:
+    """Say what went wrong on stderr, where errors go and scripts keep stdout clean."""
+    print(f"echoctl: {message}", file=sys.stderr)
+    return exitcodes.FAILURE
+
+
 def _signal(master: RunningMaster, signum: signal.Signals) -> None:
     os.kill(master.pid, signum)
 
@@ -104,7 +114,7 @@ def run_reload(args: argparse.Namespace) -> int:
     _signal(master, signal.SIGHUP)
     if not args.wait:
         print(f"reload requested (HUP sent to pid {master.pid})")
-        return 0
+        return exitcodes.OK
 
     def outcome() -> str | None:
         events = _events(master)
@@ -117,16 +127,14 @@ def run_reload(args: argparse.Namespace) -> int:
     try:
         result = _wait(outcome, args.timeout)
     except Timeout:
-        print(f"echoctl: reload not complete after {args.timeout:g}s (pid {master.pid})")
-        return 1
+        return _fail(f"reload not complete after {args.timeout:g}s (pid {master.pid})")
     if result == "failed":
-        print("echoctl: reload failed: the configuration did not load; the running one "
-              "stays in effect (see echod's log)")
-        return 1
+        return _fail("reload failed: the configuration did not load; the running one "
+                     "stays in effect (see echod's log)")
     view = master.scoreboard.master()
     print(f"reloaded: generation {view.generation} serving with "
           f"{_current_workers(master)} worker(s)")
-    return 0
+    return exitcodes.OK
 
 
 def run_stop(args: argparse.Namespace) -> int:
@@ -135,16 +143,15 @@ def run_stop(args: argparse.Namespace) -> int:
     try:
         _wait(lambda: not master.alive(), args.timeout)
     except Timeout:
-        print(f"echoctl: echod (pid {master.pid}) is still stopping after {args.timeout:g}s")
-        return 1
+        return _fail(f"echod (pid {master.pid}) is still stopping after {args.timeout:g}s")
     print(f"stopped echod (pid {master.pid})")
-    return 0
+    return exitcodes.OK
 
 
 def run_scale(args: argparse.Namespace) -> int:
     if args.count < 1:
-        print("echoctl: scale: N must be 1 or more")
-        return 64
+        # a usage error: main() prints it to stderr and exits 64
+        raise UsageError("scale: N must be 1 or more")
     master = find_master(args)
     try:
         for _ in range(1024):  # bounded: one step per worker added or removed
@@ -155,10 +162,9 @@ def run_scale(args: argparse.Namespace) -> int:
             _signal(master, signal.SIGTTIN if current < args.count else signal.SIGTTOU)
             _wait(lambda c=current: _current_workers(master) != c, args.timeout)
     except Timeout:
-        print(f"echoctl: scaling stalled at {_current_workers(master)} worker(s)")
-        return 1
+        return _fail(f"scaling stalled at {_current_workers(master)} worker(s)")
     print(f"scaled to {args.count} worker(s)")
-    return 0
+    return exitcodes.OK
 
 
 def run_reopen_logs(args: argparse.Namespace) -> int:
@@ -166,10 +172,9 @@ def run_reopen_logs(args: argparse.Namespace) -> int:
     _signal(master, signal.SIGUSR1)
     time.sleep(POLL_INTERVAL)
     if not master.alive():
-        print(f"echoctl: echod (pid {master.pid}) died after USR1")
-        return 1
+        return _fail(f"echod (pid {master.pid}) died after USR1")
     print(f"log files reopened (USR1 sent to pid {master.pid} and its workers)")
-    return 0
+    return exitcodes.OK
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
@@ -193,15 +198,12 @@ def run_upgrade(args: argparse.Namespace) -> int:
         if result == "ok":
             _wait(lambda: _generation_serving(master, old_generation + 1), args.timeout)
     except Timeout:
-        print(f"echoctl: upgrade not complete after {args.timeout:g}s (pid {master.pid})")
-        return 1
+        return _fail(f"upgrade not complete after {args.timeout:g}s (pid {master.pid})")
     if result == "failed":
-        print("echoctl: upgrade aborted: the pre-flight check failed; everything keeps "
-              "running as it was (see echod's log)")
-        return 1
+        return _fail("upgrade aborted: the pre-flight check failed; everything keeps "
+                     "running as it was (see echod's log)")
     if result == "died":
-        print(f"echoctl: echod (pid {master.pid}) died during the upgrade")
-        return 1
+        return _fail(f"echod (pid {master.pid}) died during the upgrade")
     view = master.scoreboard.master()
     try:
         same_pid = psutil.Process(master.pid).is_running()
@@ -209,4 +211,4 @@ def run_upgrade(args: argparse.Namespace) -> int:
         same_pid = False
     print(f"upgraded in place: pid {view.pid}{'' if same_pid else ' (gone?)'}, "
           f"echod {view.version}, generation {view.generation}")
-    return 0
+    return exitcodes.OK

@@ -104,13 +104,6 @@ def positive_int(text: str) -> int:
     return number
 
 
-def non_negative_int(text: str) -> int:
-    number = _parse_int(text)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
-    return number
-
-
 def positive_float(text: str) -> float:
     number = _parse_float(text)
     if number <= 0:
@@ -161,17 +154,3 @@ def _parse_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return number
 
-
-def format_address(host: str, port: int) -> str:
-    """HOST:PORT, with IPv6 addresses in brackets so the port stays unambiguous."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def format_ms(milliseconds: float) -> str:
-    return f"{milliseconds:.3f}"
-
-
-def format_percent(value: float) -> str:
-    """0, 33.3, 100: whole numbers without decimals, the rest with one."""
-    text = f"{value:.1f}"
-    return text.removesuffix(".0")

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from echod.ctl.options import format_address, format_ms
+from echod import exitcodes
+from echod.addresses import format_host_port
+from echod.ctl.output import format_ms
 from echod.ctl.payload import describe_mismatch
 from echod.ctl.stats import RttStats
 from echod.errors import EchodError
@@ -42,7 +44,7 @@ EventKind = Literal["duplicate", "late", "unexpected", "closed"]
 class ProbeTargetError(EchodError):
     """The target cannot be resolved, so nothing can answer: exit 2, like a refusal."""
 
-    exit_code = 2
+    exit_code = exitcodes.NO_ANSWER
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Target:
         return "udp" if self.udp else "tcp"
 
     def __str__(self) -> str:
-        return format_address(self.host, self.port)
+        return format_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class ResolvedTarget:
 
     @property
     def address(self) -> str:
-        return format_address(self.sockaddr[0], self.sockaddr[1])
+        return format_host_port(self.sockaddr[0], self.sockaddr[1])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,16 +189,6 @@ def iter_probes(resolved: ResolvedTarget, settings: ProbeSettings) -> Iterator[P
         session.close()
 
 
-def probe_once(
-    host: str, port: int, payload: bytes, *, udp: bool = False, timeout_s: float = 2.0
-) -> ProbeResult:
-    """Send one payload and verify its echo: the smallest health check."""
-    resolved = resolve(Target(host, port, udp=udp))
-    settings = ProbeSettings(payload=payload, count=1, timeout_s=timeout_s)
-    results = [o for o in iter_probes(resolved, settings) if isinstance(o, ProbeResult)]
-    return results[0]
-
-
 @dataclass
 class ProbeSummary:
     sent: int = 0
@@ -251,10 +243,10 @@ class ProbeSummary:
     def exit_code(self) -> int:
         """0 every probe echoed exactly; 2 nothing answered at all; 1 anything in between."""
         if not self.anything_answered:
-            return 2
+            return exitcodes.NO_ANSWER
         if self.received == self.sent and not self.faults:
-            return 0
-        return 1
+            return exitcodes.OK
+        return exitcodes.FAILURE
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from echod.ctl import options
+from echod.ctl import options, output
 from echod.ctl.payload import DEFAULT_MESSAGE, DEFAULT_SEED, seeded_bytes
 from echod.ctl.probe import (
     MAX_UDP_PAYLOAD,
@@ -166,16 +166,16 @@ def describe_result(result: ProbeResult, address: str) -> str:
         return f"seq={result.seq}: {result.error}"
     line = f"{result.received_bytes} bytes from {address}: seq={result.seq}"
     if result.connect_ms is not None:
-        line += f" connect={options.format_ms(result.connect_ms)} ms"
+        line += f" connect={output.format_ms(result.connect_ms)} ms"
     if result.rtt_ms is not None:
-        line += f" time={options.format_ms(result.rtt_ms)} ms"
+        line += f" time={output.format_ms(result.rtt_ms)} ms"
     return line
 
 
 def summary_text(resolved: ResolvedTarget, summary: ProbeSummary) -> str:
     counts = (
         f"{summary.sent} probes sent, {summary.received} received, "
-        f"{options.format_percent(summary.loss_percent)}% loss"
+        f"{output.format_percent(summary.loss_percent)}% loss"
     )
     for number, label in (
         (summary.wrong, "wrong"),
@@ -189,7 +189,7 @@ def summary_text(resolved: ResolvedTarget, summary: ProbeSummary) -> str:
     if summary.rtt is not None:
         rtt = summary.rtt
         values = "/".join(
-            options.format_ms(v) for v in (rtt.min_ms, rtt.avg_ms, rtt.max_ms, rtt.mdev_ms)
+            output.format_ms(v) for v in (rtt.min_ms, rtt.avg_ms, rtt.max_ms, rtt.mdev_ms)
         )
         lines.append(f"rtt min/avg/max/mdev = {values} ms")
     return "\n".join(lines)

@@ -16,8 +16,7 @@ from echod.errors import EchodError
 from echod.pidfile import is_locked, read_pid
 from echod.scoreboard import Scoreboard, scoreboard_path
 
-# LSB exit codes for status, reused by the control verbs
-RUNNING = 0
+# LSB exit codes for status, reused by the control verbs (running is exitcodes.OK)
 DEAD_WITH_PIDFILE = 1
 NOT_RUNNING = 3
 

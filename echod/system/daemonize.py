@@ -13,25 +13,6 @@ the daemon serves, or print the daemon's error and exit with its code. So:
    ``reporter.ready()``; or, if it cannot start, ``reporter.failed(code, message)``
    and exits with that code.
 
-Public API
-----------
-``launch_daemon(*, files_preserve, umask, working_directory="/", ready_timeout=30.0,
-stderr=None) -> ReadinessReporter``
-    Returns only in the daemon. The launcher exits 0 on ``ready()``; on ``failed()``
-    it prints the message to stderr and exits with the code; if the daemon dies
-    without a word (EOF) or stays silent past ``ready_timeout`` (then it is sent
-    SIGTERM) it prints why and exits 1. ``stderr`` (an open file) receives the
-    daemon's fd 2 instead of /dev/null, e.g. the log file, so a crash leaves a trace.
-``ReadinessReporter.ready()``
-    Tell the launcher the daemon serves. Idempotent; closes the pipe.
-``ReadinessReporter.failed(exit_code, message)``
-    Tell the launcher to print ``message`` (one line) and exit with ``exit_code``.
-``ReadinessReporter.close()``
-    Drop the pipe without reporting: call it in each forked worker so that only the
-    master keeps the launcher waiting (otherwise a dead master is noticed only once
-    its workers are gone too).
-``ReadinessReporter.fileno() -> int | None``
-
 Constraints: call it with no threads running (it forks); python-daemon closes every
 fd not in ``files_preserve`` (so (re)open log files after it, or preserve them); the
 daemon's signal handlers are left alone (``signal_map={}``): the master installs its
@@ -62,7 +43,13 @@ _PID = "PID"
 
 
 class ReadinessReporter:
-    """The daemon's end of the readiness pipe."""
+    """The daemon's end of the readiness pipe.
+
+    ``ready()`` and ``failed()`` report once and close the pipe; ``close()`` drops
+    it without a word, as each forked worker must, so that only the master keeps
+    the launcher waiting (otherwise a dead master is noticed only once its
+    workers are gone too).
+    """
 
     def __init__(self, write_fd: int) -> None:
         self._fd: int | None = write_fd
@@ -74,6 +61,7 @@ class ReadinessReporter:
         self._report(_READY)
 
     def failed(self, exit_code: int, message: str) -> None:
+        """The launcher prints ``message`` (one line) and exits with ``exit_code``."""
         self._report(f"{_ERROR} {exit_code} {' '.join(message.splitlines())}")
 
     def close(self) -> None:
@@ -108,6 +96,14 @@ def launch_daemon(
     ready_timeout: float = DEFAULT_READY_TIMEOUT_SECONDS,
     stderr: IO[str] | None = None,
 ) -> ReadinessReporter:
+    """Detach; returns only in the daemon, the launcher exits with the daemon's verdict.
+
+    The launcher exits 0 on ``ready()``; on ``failed()`` it prints the message to
+    stderr and exits with the code; if the daemon dies without a word or stays
+    silent past ``ready_timeout`` (then it is sent SIGTERM) it says why and exits
+    1. ``stderr`` (an open file, e.g. the log file) becomes the daemon's fd 2
+    instead of /dev/null, so that a crash leaves a trace.
+    """
     read_fd, write_fd = os.pipe()
     # The launcher leaves through os._exit(), which flushes nothing; and the daemon's
     # copy of the buffers would be flushed into /dev/null. Write pending output now.

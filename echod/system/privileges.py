@@ -1,19 +1,10 @@
 """Dropping root privileges after the sockets are bound (``--user`` / ``--group``).
 
-Public API
-----------
-``resolve_identity(user, group) -> Identity``
-    Names or numeric ids to uid/gid (a user's primary group when ``group`` is None).
-    Raises ``PrivilegeError`` (exit 77) for an unknown user or group. Cheap and without
-    side effects: call it while validating, before daemonizing, so a typo reaches the
-    terminal.
-``drop_privileges(user, group) -> None``
-    No-op when both are None. Otherwise root only: setgid, then the user's supplementary
-    groups (initgroups), then setuid; verifies with getresuid()/getresgid() that no
-    saved or effective id can take root back. Any failure raises ``PrivilegeError``.
-``chown_for(user, group, paths) -> None``
-    Gives the target identity the existing ``paths`` (runtime dir, log file) before the
-    drop; missing paths are skipped. Root only, like the drop.
+echod may need root only to bind ports below 1024; once they are bound, the
+master and every worker should run as an ordinary user. The drop must be
+complete (no saved or effective id can take root back), and a typo in a user
+name must reach the terminal, so resolving names is separate from the drop
+and cheap enough to run while the config is validated, before daemonizing.
 """
 
 from __future__ import annotations
@@ -61,6 +52,10 @@ def _lookup_group(group: str) -> int:
 
 
 def resolve_identity(user: str | None, group: str | None) -> Identity:
+    """Names or numeric ids to uid/gid (the user's primary group when ``group`` is None).
+
+    Raises PrivilegeError (exit 77) for an unknown user or group; no side effects.
+    """
     if user is None and group is None:
         raise ValueError("resolve_identity() needs a user or a group")
     uid: int | None = None
@@ -86,6 +81,10 @@ def _require_root(what: str) -> None:
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
+    """setgid, then the user's supplementary groups, then setuid, and verify the result.
+
+    A no-op when both are None; otherwise root only. Any failure raises PrivilegeError.
+    """
     if user is None and group is None:
         return
     _require_root("--user/--group")
@@ -120,6 +119,10 @@ def _verify_dropped(identity: Identity) -> None:
 
 
 def chown_for(user: str | None, group: str | None, paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Give the target identity the existing ``paths`` (runtime dir, log file) before the drop.
+
+    Missing paths are skipped. Root only, like the drop.
+    """
     if user is None and group is None:
         return
     _require_root("--user/--group")

@@ -1,45 +1,15 @@
 """systemd integration: readiness/status notifications, the watchdog, socket activation.
 
-Standard library only; every function is harmless when not run under systemd.
+systemd learns that echod is up, reloading or stopping, and that its master is
+alive, only through sd_notify(3) datagrams; socket activation hands it sockets
+as fds 3.. described by ``LISTEN_*`` variables. Both are small protocols, so
+they are spoken here with the standard library rather than through a binding,
+and every call is harmless when echod does not run under systemd.
 
-Public API
-----------
-``Notifier.from_environ(environ=None) -> Notifier``
-    Reads ``NOTIFY_SOCKET`` / ``WATCHDOG_USEC`` / ``WATCHDOG_PID`` once. With no
-    ``NOTIFY_SOCKET`` (or an unsupported one) every method is a no-op returning False.
-``Notifier.enabled -> bool``
-    True when notifications go somewhere.
-``Notifier.ready(status=None)`` / ``reloading()`` / ``stopping()`` / ``status(text)`` /
-``watchdog()`` / ``mainpid(pid)`` / ``extend_timeout(seconds)``
-    Send ``READY=1`` / ``RELOADING=1`` + ``MONOTONIC_USEC=`` / ``STOPPING=1`` /
-    ``STATUS=`` / ``WATCHDOG=1`` / ``MAINPID=`` / ``EXTEND_TIMEOUT_USEC=``.
-``Notifier.notify(**fields) -> bool`` / ``Notifier.send(lines) -> bool``
-    Generic senders (``notify(READY=1, STATUS="serving")``). They never raise on a
-    send failure: it is logged at debug level and False is returned.
-``Notifier.watchdog_interval() -> float | None``
-    Seconds between ``watchdog()`` pings (half of ``WATCHDOG_USEC``), or None when
-    systemd does not watch this process.
-``listen_fds(unset_environment=True) -> list[InheritedSocket]``
-    The sockets systemd passed (``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES``), fds
-    3.. in order, each marked close-on-exec; the ``LISTEN_*`` variables are then
-    removed from ``os.environ`` so no child sees them. Raises ``BindError`` if an
-    inherited descriptor is not a socket.
-``InheritedSocket``
-    ``fd``, ``name``, ``family``, ``type``, ``address`` (getsockname()), ``listening``;
-    ``bind_spec`` renders it in echod's ``--bind`` syntax (``127.0.0.1:7``,
-    ``udp://[::]:7``, ``unix:/run/x.sock``) to match it against the configured binds;
-    ``socket()`` wraps the fd in a ``socket.socket`` that owns it.
-``scrub_child_environ(env) -> env``
-    Removes the variables above from ``env`` (in place, and returns it) so workers and
-    pre-flight children never notify systemd or claim its sockets.
-
-Usage from the master: create one ``Notifier`` at start; ``ready()`` once the workers
-serve (and again after each reload/upgrade); ``reloading()`` on HUP/USR2;
-``stopping()`` on TERM/INT/QUIT; ``watchdog()`` every ``watchdog_interval()`` seconds
-from the master's loop. ``NOTIFY_SOCKET`` stays in the master's own environment so a
-re-executed master (USR2, same pid) can keep notifying; ``scrub_child_environ`` runs
-in each forked worker (``scrub_child_environ(os.environ)``) and on the environment of
-every spawned child.
+The master owns all of it: ``NOTIFY_SOCKET`` stays in its environment so a
+re-executed master (USR2, same pid) can keep notifying, while
+``scrub_child_environ`` keeps workers and pre-flight children from notifying
+systemd or claiming its sockets.
 """
 
 from __future__ import annotations
@@ -51,9 +21,10 @@ import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
+from echod.addresses import format_host_port
 from echod.errors import BindError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("echod.systemd")
 
 SD_LISTEN_FDS_START = 3
 # Variables that belong to the process systemd started (the master) and to no child.
@@ -152,13 +123,6 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.notify(WATCHDOG=1)
 
-    def mainpid(self, pid: int) -> bool:
-        return self.notify(MAINPID=pid)
-
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for ``seconds`` more before systemd's start/stop timeout fires."""
-        return self.notify(EXTEND_TIMEOUT_USEC=int(seconds * 1_000_000))
-
 
 def _one_line(text: str) -> str:
     # A newline would start a new KEY=VALUE assignment in the datagram.
@@ -185,8 +149,8 @@ class InheritedSocket:
                 path = "@" + path[1:].decode(errors="replace")
             return f"unix:{path}"
         assert isinstance(self.address, tuple)
-        host, port = self.address[0], self.address[1]
-        host_port = f"[{host}]:{port}" if self.family == socket.AF_INET6 else f"{host}:{port}"
+        # An AF_INET6 host always contains ":", so it gets its brackets.
+        host_port = format_host_port(self.address[0], self.address[1])
         return f"udp://{host_port}" if self.type == socket.SOCK_DGRAM else host_port
 
     def socket(self) -> socket.socket:

@@ -81,7 +81,8 @@ def test_reload_reports_a_broken_config(start_echod, runtime_dir: Path) -> None:
     Path(server.argv[server.argv.index("-c") + 1]).write_text("idle_timeout = 'x'\n")
     result = echoctl("reload", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 1
-    assert "reload failed" in result.stdout
+    assert "reload failed" in result.stderr  # errors go to stderr, stdout stays clean
+    assert result.stdout == ""
 
 
 def test_scale_sets_an_exact_count(start_echod, runtime_dir: Path) -> None:
@@ -92,6 +93,8 @@ def test_scale_sets_an_exact_count(start_echod, runtime_dir: Path) -> None:
     server.wait_workers(1)
     bad = echoctl("scale", "0", "--runtime-dir", str(runtime_dir))
     assert bad.returncode == 64
+    assert "N must be 1 or more" in bad.stderr
+    assert bad.stdout == ""
 
 
 def test_upgrade_keeps_the_pid_and_replaces_workers(start_echod, runtime_dir: Path) -> None:

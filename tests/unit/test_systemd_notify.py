@@ -50,12 +50,11 @@ def test_without_notify_socket_everything_is_a_noop() -> None:
     assert notifier.stopping() is False
     assert notifier.status("x") is False
     assert notifier.watchdog() is False
-    assert notifier.mainpid(1) is False
     assert notifier.watchdog_interval() is None
 
 
 def test_unsupported_notify_socket_scheme_disables(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="echod.system.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="echod.systemd"):
         notifier = Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled
     assert notifier.ready() is False
@@ -76,10 +75,6 @@ def test_each_message(socket_fixture: str, request: pytest.FixtureRequest) -> No
     assert received(receiver) == ["STOPPING=1"]
     assert notifier.watchdog() is True
     assert received(receiver) == ["WATCHDOG=1"]
-    assert notifier.mainpid(4242) is True
-    assert received(receiver) == ["MAINPID=4242"]
-    assert notifier.extend_timeout(2.5) is True
-    assert received(receiver) == ["EXTEND_TIMEOUT_USEC=2500000"]
 
 
 def test_reloading_carries_the_monotonic_timestamp(
@@ -115,7 +110,7 @@ def test_send_failure_is_logged_not_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    with caplog.at_level(logging.DEBUG, logger="echod.system.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="echod.systemd"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
     assert "nobody-listens" in caplog.text
