@@ -66,6 +66,17 @@ class Counter(IntEnum):
     UDP_DROPPED_RATE_TOTAL = 26  # over udp_rate_total (UDP_DROPPED_RATE: per source)
 
 
+# Why a stream connection ended, by the counter its close bumps: the metrics'
+# `reason` label and the access log's `reason` field.
+CLOSE_REASONS: dict[Counter, str] = {
+    Counter.CLOSED_EOF: "client_eof",
+    Counter.CLOSED_IDLE: "idle_timeout",
+    Counter.CLOSED_RESET: "reset",
+    Counter.CLOSED_LIFETIME: "lifetime_limit",
+    Counter.CLOSED_SHUTDOWN: "shutdown",
+}
+
+
 class MasterCounter(IntEnum):
     """Events only the master sees. Append only: the layout is shared with readers."""
 

@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from echod.scoreboard import NUM_COUNTERS, Counter, MasterCounter, Scoreboard, SlotView, State
-from echod.server.access import CLOSE_REASONS
+from echod.scoreboard import (
+    CLOSE_REASONS,
+    NUM_COUNTERS,
+    Counter,
+    MasterCounter,
+    Scoreboard,
+    SlotView,
+    State,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -84,6 +85,11 @@ class Connection:
         self.ticket: int | None = None  # counted by the AdmissionGate: release at close
 
 
+# Called with each stream connection, and the counter of why it ends, just before
+# its socket closes: the access log (echod.server.access) is one.
+CloseHook = Callable[[Connection, Counter], None]
+
+
 @dataclass
 class WorkerIdentity:
     worker_id: int
@@ -93,7 +99,8 @@ class WorkerIdentity:
 
 class Worker:
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
+                 on_close: CloseHook | None = None) -> None:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
         self.registered: set[int] = set()  # listeners in our epoll set
@@ -133,6 +140,7 @@ class Worker:
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
+        self.on_close = on_close  # called by _ReportingWorker only: see start_worker
 
     # -- life cycle ----------------------------------------------------------------
     def run(self) -> NoReturn:
@@ -566,6 +574,21 @@ class Worker:
                 for lst in datagram_listeners}
 
 
+class _ReportingWorker(Worker):
+    """A worker that hands each connection to ``on_close`` before closing it.
+
+    A subclass chosen once at start rather than a test in ``_close``: a worker
+    without a hook does not even look for one.
+    """
+
+    on_close: CloseHook
+
+    def _close(self, conn: Connection, reason: Counter) -> None:
+        if self.connections.get(conn.fd) is conn:  # not closed already
+            self.on_close(conn, reason)
+        super()._close(conn, reason)
+
+
 def _shutdown_gently(sock: socket.socket) -> None:
     """FIN instead of RST: shut our side, drop a bounded amount of unread input."""
     try:
@@ -608,15 +631,27 @@ def _enable_stack_dumps(config: Config) -> None:
 
 
 def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int,
-                 limits: SharedLimits) -> NoReturn:
-    """Entry point in the freshly forked child."""
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
+                 on_close: CloseHook | None = None) -> NoReturn:
+    """Entry point in the freshly forked child. ``on_close``: see :data:`CloseHook`."""
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    worker_class = Worker
-    if config.access_log:  # decided once: without an access log the hot path pays nothing
-        from echod.server.access import AccessLoggingWorker
+    if on_close is None:
+        on_close = _access_log_hook(config)
+    # decided once: without a hook, the plain Worker runs and its close path pays nothing
+    worker_class = Worker if on_close is None else _ReportingWorker
+    worker_class(config, listeners, slot, identity, master_alive_fd, limits, on_close).run()
 
-        worker_class = AccessLoggingWorker
-    worker_class(config, listeners, slot, identity, master_alive_fd, limits).run()
+
+def _access_log_hook(config: Config) -> CloseHook | None:
+    """The access log's hook, for as long as the master does not pass it itself.
+
+    Imported only when the access log is on. One way only: the access log knows
+    nothing of the worker, so this is no cycle.
+    """
+    if not config.access_log:
+        return None
+    from echod.server.access import close_hook
+
+    return close_hook(config)
