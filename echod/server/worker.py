@@ -60,8 +60,6 @@ ACCEPT_ERROR_COUNTERS = {
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
-# Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
-FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
 
 class Connection:
@@ -162,8 +160,6 @@ class Worker:
         os._exit(exitcodes.OK)
 
     def _boot(self) -> None:
-        if os.environ.get(FAULT_INJECTION_ENV) == "boot":
-            raise RuntimeError(f"boot failure injected by {FAULT_INJECTION_ENV}")
         self.signals = SignalQueue(WORKER_SIGNALS)
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
