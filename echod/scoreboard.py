@@ -20,6 +20,7 @@ import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 MAGIC = b"ECHODSB2"
 MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
@@ -155,6 +156,24 @@ class MasterView:
         return self.events[which]
 
 
+class Snapshot(NamedTuple):
+    """The header and the slots in use, read between two folds (see
+    :meth:`Scoreboard.snapshot`)."""
+
+    master: MasterView
+    slots: list[SlotView]
+
+    def totals(self) -> list[int]:
+        """Every counter summed over the retired workers and the live ones.
+
+        The one place totals are added up: from a snapshot, a total never goes
+        backwards, even while the master folds a reaped worker's counts in.
+        """
+        return [sum(column) for column in zip(self.master.retired,
+                                              *(slot.counters for slot in self.slots),
+                                              strict=True)]
+
+
 class Scoreboard:
     def __init__(self, path: str, buffer: mmap.mmap) -> None:
         self.path = path
@@ -253,16 +272,16 @@ class Scoreboard:
     def _fold_sequence(self) -> int:
         return int(_FOLD_SEQUENCE.unpack_from(self.buffer, _FOLD_SEQUENCE_OFFSET)[0])
 
-    def snapshot(self, attempts: int = 1000) -> tuple[MasterView, list[SlotView]]:
+    def snapshot(self, attempts: int = 1000) -> Snapshot:
         """The header and the slots in use, read between folds (for summing totals)."""
         for _ in range(attempts):
             before = self._fold_sequence()
             if before % 2 == 0:
                 master, slots = self.master(), self.slots()
                 if self._fold_sequence() == before:
-                    return master, slots
+                    return Snapshot(master, slots)
             time.sleep(0.0001)  # the master is mid-fold: microseconds
-        return self.master(), self.slots()  # best effort; never reached in practice
+        return Snapshot(self.master(), self.slots())  # best effort; never reached in practice
 
     # -- slots --------------------------------------------------------------------
     @staticmethod
