@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from echod import logs
 from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits import conntrack
@@ -60,7 +60,7 @@ class AdmissionGate:
         self.total_limit = config.max_connections_total
         self.counting = bool(self.per_ip_limit or self.total_limit)
         self.counters = counters
-        self.table_full_logged = 0.0
+        self.table_full_log = logs.RateLimitedLog(log, TABLE_FULL_LOG_INTERVAL)
 
     def admit(self, host: str) -> int:
         """REJECTED, UNCOUNTED, or a ticket (>= conntrack.COUNTED) for release()."""
@@ -78,19 +78,14 @@ class AdmissionGate:
         else:
             self.counters[Counter.REJECTED_PER_IP] += 1
             if ticket == conntrack.REJECT_TABLE_FULL:
-                self._log_table_full()
+                self.table_full_log.log(
+                    logging.WARNING, "max_connections_per_ip: too many distinct clients "
+                    "connected at once (table of %d); refusing new clients until some leave",
+                    conntrack.ENTRIES)
         return REJECTED
 
     def release(self, ticket: int) -> None:
         self.table.release(self.worker_slot, ticket)
-
-    def _log_table_full(self) -> None:
-        now = time.monotonic()
-        if now - self.table_full_logged >= TABLE_FULL_LOG_INTERVAL:
-            self.table_full_logged = now
-            log.warning("max_connections_per_ip: too many distinct clients connected at once "
-                        "(table of %d); refusing new clients until some leave",
-                        conntrack.ENTRIES)
 
 
 def reject(client: socket.socket) -> None:
