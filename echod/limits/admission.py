@@ -42,6 +42,13 @@ class SharedLimits:
         self.connections.forget_worker(slot, alive_slots)
 
 
+def address_policy(config: Config) -> AddressPolicy | None:
+    """``allow`` / ``deny`` as one policy, or None when neither is set. Built once
+    per worker and shared by the TCP gate and the UDP checks."""
+    policy = AddressPolicy(config.allow, config.deny)
+    return policy if policy else None
+
+
 def tcp_limits_configured(config: Config) -> bool:
     return bool(config.allow or config.deny or config.max_connections_per_ip
                 or config.max_connections_total)
@@ -51,9 +58,8 @@ class AdmissionGate:
     """Decides at accept whether a TCP client may stay; counts what it refuses."""
 
     def __init__(self, config: Config, table: ConnectionTable, worker_slot: int,
-                 counters: list[int]) -> None:
-        policy = AddressPolicy(config.allow, config.deny)
-        self.policy = policy if policy else None
+                 counters: list[int], policy: AddressPolicy | None) -> None:
+        self.policy = policy
         self.table = table
         self.worker_slot = worker_slot
         self.per_ip_limit = config.max_connections_per_ip

@@ -82,10 +82,10 @@ def is_unicast_source_v6(host: str) -> bool:
     return True
 
 
-def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceCheck | None:
+def build_source_check(config: Config, buckets: SharedBuckets | None,
+                       policy: AddressPolicy | None) -> SourceCheck | None:
     """The optional checks (3 and 4 above) as one function, or None when none is on."""
-    policy = AddressPolicy(config.allow, config.deny)
-    permits = policy.permits if policy else None
+    permits = policy.permits if policy is not None else None
     rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
     total = float(config.udp_rate_total)
     limiter = buckets.limiter(rate, burst, total, total) if buckets is not None and (

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname
+from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits.admission import (
     REJECTED,
     AdmissionGate,
     SharedLimits,
+    address_policy,
     reject,
     tcp_limits_configured,
 )
@@ -130,10 +132,12 @@ class Worker:
         self.bytes_out = 0
         self.accepted = 0
         self.counters = [0] * NUM_COUNTERS
+        policy = address_policy(config)  # one for TCP and UDP: the same lists
         # None when no TCP limit is configured: the accept path then checks nothing
-        self.admission = AdmissionGate(config, limits.connections, identity.worker_id - 1,
-                                       self.counters) if tcp_limits_configured(config) else None
-        self.datagram_echoes = self._datagram_echoes(limits)
+        self.admission = AdmissionGate(
+            config, limits.connections, identity.worker_id - 1, self.counters,
+            policy) if tcp_limits_configured(config) else None
+        self.datagram_echoes = self._datagram_echoes(limits, policy)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
@@ -560,12 +564,13 @@ class Worker:
             self._close(conn, Counter.CLOSED_LIFETIME)
 
     # -- UDP -----------------------------------------------------------------------
-    def _datagram_echoes(self, limits: SharedLimits) -> dict[int, DatagramEcho]:
+    def _datagram_echoes(self, limits: SharedLimits,
+                         policy: AddressPolicy | None) -> dict[int, DatagramEcho]:
         datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
         if not datagram_listeners:
             return {}
         buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
-        check = build_source_check(self.config, limits.udp_buckets)
+        check = build_source_check(self.config, limits.udp_buckets, policy)
         return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
                 for lst in datagram_listeners}
 
