@@ -32,7 +32,13 @@ from collections.abc import Callable
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
-from echod.limits.ratelimit import ADMIT, OVER_SOURCE_RATE, OVER_TOTAL_RATE, SharedBuckets
+from echod.limits.ratelimit import (
+    ADMIT,
+    OVER_SOURCE_RATE,
+    OVER_TOTAL_RATE,
+    SharedBuckets,
+    source_key,
+)
 from echod.scoreboard import Counter
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
@@ -93,12 +99,12 @@ def build_source_check(config: Config, buckets: SharedBuckets | None,
     if permits is None and limiter is None:
         return None
     drop_reasons = {OVER_SOURCE_RATE: _DROPPED_RATE, OVER_TOTAL_RATE: _DROPPED_RATE_TOTAL}
+    key_of = source_key  # bound here: read for every datagram
 
     def check(host: str, now: float) -> int:
         if permits is not None and not permits(host):
             return _DROPPED_ADDRESS
-        # hash(): keyed per master boot, the same in all its workers (see source_key)
-        if limiter is not None and (verdict := limiter(hash(host), now)) != ADMIT:
+        if limiter is not None and (verdict := limiter(key_of(host), now)) != ADMIT:
             return drop_reasons[verdict]
         return 0
 
