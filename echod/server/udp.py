@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
+from echod.datagram import MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6
 from echod.limits.ratelimit import (
     ADMIT,
     OVER_SOURCE_RATE,
@@ -42,12 +43,8 @@ from echod.limits.ratelimit import (
 from echod.scoreboard import Counter
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
-# The largest UDP payloads: IPv4 65535 - 20 (IP header) - 8 (UDP header); IPv6
-# 65535 (payload length, header excluded) - 8. Anything larger would be an IPv6
-# jumbogram, which needs a 4 GB-MTU link: not supported.
-MAX_DATAGRAM_IPV4 = 65507
-MAX_DATAGRAM_IPV6 = 65527
 BUFFER_SIZE = 65536  # every possible datagram fits: none is ever truncated
+assert max(MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6) < BUFFER_SIZE
 BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
