@@ -304,12 +304,6 @@ class Scoreboard:
                 views.append(self.slot(index))
         return views
 
-    def free_slot(self, taken: set[int]) -> int:
-        for index in range(MAX_SLOTS):
-            if index not in taken:
-                return index
-        raise RuntimeError("scoreboard full")
-
     def claim(self, index: int, *, pid: int, generation: int, worker_id: int) -> None:
         offset = self._offset(index)
         _SLOT_HEAD.pack_into(self.buffer, offset, pid, generation, State.BOOTING, worker_id,
