@@ -99,8 +99,7 @@ class WorkerIdentity:
 
 class Worker:
     def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
-                 on_close: CloseHook | None = None) -> None:
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
         self.registered: set[int] = set()  # listeners in our epoll set
@@ -142,7 +141,6 @@ class Worker:
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
-        self.on_close = on_close  # called by _ReportingWorker only: see start_worker
 
     # -- life cycle ----------------------------------------------------------------
     def run(self) -> NoReturn:
@@ -582,7 +580,11 @@ class _ReportingWorker(Worker):
     without a hook does not even look for one.
     """
 
-    on_close: CloseHook
+    def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
+                 on_close: CloseHook) -> None:
+        super().__init__(config, listeners, slot, identity, master_alive_fd, limits)
+        self.on_close = on_close
 
     def _close(self, conn: Connection, reason: Counter) -> None:
         if self.connections.get(conn.fd) is conn:  # not closed already
@@ -641,8 +643,12 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
     if on_close is None:
         on_close = _access_log_hook(config)
     # decided once: without a hook, the plain Worker runs and its close path pays nothing
-    worker_class = Worker if on_close is None else _ReportingWorker
-    worker_class(config, listeners, slot, identity, master_alive_fd, limits, on_close).run()
+    if on_close is None:
+        worker = Worker(config, listeners, slot, identity, master_alive_fd, limits)
+    else:
+        worker = _ReportingWorker(config, listeners, slot, identity, master_alive_fd, limits,
+                                  on_close)
+    worker.run()
 
 
 def _access_log_hook(config: Config) -> CloseHook | None:
