@@ -15,7 +15,6 @@ from collections.abc import Iterable
 
 IPV4_BITS = 32
 IPV6_BITS = 128
-_V4_MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96, IPv4 clients of a dual-stack socket
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,7 +52,7 @@ def host_to_int(host: str) -> tuple[int, int]:
     if "%" in host:
         host = host.partition("%")[0]  # link-local scope: not part of the address
     value = int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
-    if value >> 32 == 0xFFFF:
+    if value >> 32 == 0xFFFF:  # ::ffff:0:0/96, an IPv4 client of a dual-stack socket
         return IPV4_BITS, value & 0xFFFFFFFF
     return IPV6_BITS, value
 

@@ -126,14 +126,6 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
-def open_log_file(path: str) -> None:
-    """Check early (before daemonizing) that the log file can be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "a", encoding="utf-8"):
-        pass
-
-
 def setup_logging(level: str = "info", log_file: str = "", log_format: str = "text",
                   access_log_path: str = "") -> None:
     """Replace echod's handlers: stderr (default) or a file, in the chosen format; and the

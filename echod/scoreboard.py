@@ -20,6 +20,7 @@ import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 MAGIC = b"ECHODSB2"
 MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
@@ -64,6 +65,17 @@ class Counter(IntEnum):
     ACCEPT_ABORTED = 24  # ECONNABORTED or EPROTO: the client left before accept()
     ACCEPT_OTHER = 25
     UDP_DROPPED_RATE_TOTAL = 26  # over udp_rate_total (UDP_DROPPED_RATE: per source)
+
+
+# Why a stream connection ended, by the counter its close bumps: the metrics'
+# `reason` label and the access log's `reason` field.
+CLOSE_REASONS: dict[Counter, str] = {
+    Counter.CLOSED_EOF: "client_eof",
+    Counter.CLOSED_IDLE: "idle_timeout",
+    Counter.CLOSED_RESET: "reset",
+    Counter.CLOSED_LIFETIME: "lifetime_limit",
+    Counter.CLOSED_SHUTDOWN: "shutdown",
+}
 
 
 class MasterCounter(IntEnum):
@@ -142,6 +154,24 @@ class MasterView:
 
     def event(self, which: MasterCounter) -> int:
         return self.events[which]
+
+
+class Snapshot(NamedTuple):
+    """The header and the slots in use, read between two folds (see
+    :meth:`Scoreboard.snapshot`)."""
+
+    master: MasterView
+    slots: list[SlotView]
+
+    def totals(self) -> list[int]:
+        """Every counter summed over the retired workers and the live ones.
+
+        The one place totals are added up: from a snapshot, a total never goes
+        backwards, even while the master folds a reaped worker's counts in.
+        """
+        return [sum(column) for column in zip(self.master.retired,
+                                              *(slot.counters for slot in self.slots),
+                                              strict=True)]
 
 
 class Scoreboard:
@@ -242,16 +272,16 @@ class Scoreboard:
     def _fold_sequence(self) -> int:
         return int(_FOLD_SEQUENCE.unpack_from(self.buffer, _FOLD_SEQUENCE_OFFSET)[0])
 
-    def snapshot(self, attempts: int = 1000) -> tuple[MasterView, list[SlotView]]:
+    def snapshot(self, attempts: int = 1000) -> Snapshot:
         """The header and the slots in use, read between folds (for summing totals)."""
         for _ in range(attempts):
             before = self._fold_sequence()
             if before % 2 == 0:
                 master, slots = self.master(), self.slots()
                 if self._fold_sequence() == before:
-                    return master, slots
+                    return Snapshot(master, slots)
             time.sleep(0.0001)  # the master is mid-fold: microseconds
-        return self.master(), self.slots()  # best effort; never reached in practice
+        return Snapshot(self.master(), self.slots())  # best effort; never reached in practice
 
     # -- slots --------------------------------------------------------------------
     @staticmethod
@@ -273,12 +303,6 @@ class Scoreboard:
             if struct.unpack_from("<i", self.buffer, self._offset(index))[0]:
                 views.append(self.slot(index))
         return views
-
-    def free_slot(self, taken: set[int]) -> int:
-        for index in range(MAX_SLOTS):
-            if index not in taken:
-                return index
-        raise RuntimeError("scoreboard full")
 
     def claim(self, index: int, *, pid: int, generation: int, worker_id: int) -> None:
         offset = self._offset(index)

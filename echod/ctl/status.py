@@ -68,8 +68,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     master = find_master(args)
-    view = master.scoreboard.master()
-    slots = [slot for slot in master.scoreboard.slots() if slot.state != State.FREE]
+    snapshot = master.scoreboard.snapshot()  # one read between folds: totals never go back
+    view = snapshot.master
+    slots = [slot for slot in snapshot.slots if slot.state != State.FREE]
     processes = {pid: _process(pid) for pid in [master.pid, *(s.pid for s in slots)]}
     cpu = _sample_cpu(processes)
     now_wall, now_mono = time.time(), time.monotonic()
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     workers = [_worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0),
                               now_wall, now_mono) for slot in sorted(slots,
                                                                      key=lambda s: s.worker_id)]
-    totals: dict[str, float] = dict(_totals(view.retired, slots))
+    totals: dict[str, float] = dict(_totals(snapshot.totals(), slots))
     totals["spread_max_over_fair"] = _share_out(workers)
     if args.json:
         print(json.dumps({"master": asdict(master_status),
@@ -158,12 +159,9 @@ def _share_out(workers: list[WorkerStatus]) -> float:
     return round(max(w.connections for w in accepting) * len(accepting) / total, 2)
 
 
-def _totals(retired: tuple[int, ...], slots: list[SlotView]) -> dict[str, int]:
-    def total(which: Counter) -> int:
-        return retired[which] + sum(slot.counter(which) for slot in slots)
-
-    return {"connections": total(Counter.ACCEPTED), "active": sum(s.active for s in slots),
-            "bytes_in": total(Counter.BYTES_IN), "bytes_out": total(Counter.BYTES_OUT)}
+def _totals(counters: list[int], slots: list[SlotView]) -> dict[str, int]:
+    return {"connections": counters[Counter.ACCEPTED], "active": sum(s.active for s in slots),
+            "bytes_in": counters[Counter.BYTES_IN], "bytes_out": counters[Counter.BYTES_OUT]}
 
 
 def _iso(timestamp: float) -> str:

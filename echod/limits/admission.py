@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from echod import logs
 from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits import conntrack
@@ -42,6 +42,13 @@ class SharedLimits:
         self.connections.forget_worker(slot, alive_slots)
 
 
+def address_policy(config: Config) -> AddressPolicy | None:
+    """``allow`` / ``deny`` as one policy, or None when neither is set. Built once
+    per worker and shared by the TCP gate and the UDP checks."""
+    policy = AddressPolicy(config.allow, config.deny)
+    return policy if policy else None
+
+
 def tcp_limits_configured(config: Config) -> bool:
     return bool(config.allow or config.deny or config.max_connections_per_ip
                 or config.max_connections_total)
@@ -51,16 +58,15 @@ class AdmissionGate:
     """Decides at accept whether a TCP client may stay; counts what it refuses."""
 
     def __init__(self, config: Config, table: ConnectionTable, worker_slot: int,
-                 counters: list[int]) -> None:
-        policy = AddressPolicy(config.allow, config.deny)
-        self.policy = policy if policy else None
+                 counters: list[int], policy: AddressPolicy | None) -> None:
+        self.policy = policy
         self.table = table
         self.worker_slot = worker_slot
         self.per_ip_limit = config.max_connections_per_ip
         self.total_limit = config.max_connections_total
         self.counting = bool(self.per_ip_limit or self.total_limit)
         self.counters = counters
-        self.table_full_logged = 0.0
+        self.table_full_log = logs.RateLimitedLog(log, TABLE_FULL_LOG_INTERVAL)
 
     def admit(self, host: str) -> int:
         """REJECTED, UNCOUNTED, or a ticket (>= conntrack.COUNTED) for release()."""
@@ -78,19 +84,14 @@ class AdmissionGate:
         else:
             self.counters[Counter.REJECTED_PER_IP] += 1
             if ticket == conntrack.REJECT_TABLE_FULL:
-                self._log_table_full()
+                self.table_full_log.log(
+                    logging.WARNING, "max_connections_per_ip: too many distinct clients "
+                    "connected at once (table of %d); refusing new clients until some leave",
+                    conntrack.ENTRIES)
         return REJECTED
 
     def release(self, ticket: int) -> None:
         self.table.release(self.worker_slot, ticket)
-
-    def _log_table_full(self) -> None:
-        now = time.monotonic()
-        if now - self.table_full_logged >= TABLE_FULL_LOG_INTERVAL:
-            self.table_full_logged = now
-            log.warning("max_connections_per_ip: too many distinct clients connected at once "
-                        "(table of %d); refusing new clients until some leave",
-                        conntrack.ENTRIES)
 
 
 def reject(client: socket.socket) -> None:

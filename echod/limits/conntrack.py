@@ -172,20 +172,3 @@ class ConnectionTable:
             self._grand_total[0] = sum(self._worker_totals[other] for other in alive)
         finally:
             self._unlock()
-
-    # -- reading (status, tests) -----------------------------------------------------------
-    def connections(self) -> int:
-        return self._grand_total[0]
-
-    def connections_from(self, host: str) -> int:
-        key = client_key(host)
-        self._lock()
-        try:
-            home = hash(key) & (ENTRIES - 1)
-            for place in range(home, home + PROBES):
-                offset = _KEYS_OFFSET + place * KEY_SIZE
-                if self.buffer[offset:offset + KEY_SIZE] == key:
-                    return self._client_totals[place]
-            return 0
-        finally:
-            self._unlock()

@@ -145,11 +145,11 @@ def _refilled(state: tuple[float, float], now: float, rate: float,
     return min(burst, tokens), last
 
 
-def source_key(host: str) -> int:
-    """A 64-bit key for a source address. hash() of a str is keyed per boot of the
-    master (PYTHONHASHSEED) and identical in the workers it forks, so remote peers
-    cannot aim their addresses at one set."""
-    return hash(host) & _KEY_MASK
+# A source address's key for limiter(). hash() of a str is keyed per boot of the
+# master (PYTHONHASHSEED) and identical in the workers it forks, so remote peers
+# cannot aim their addresses at one set. The builtin itself rather than a wrapper,
+# since it runs for every datagram; limiter() keeps the low 64 bits.
+source_key: Callable[[str], int] = hash
 
 
 if sys.hash_info.width < 64:  # pragma: no cover - echod targets 64-bit Linux

@@ -17,8 +17,14 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from echod.scoreboard import NUM_COUNTERS, Counter, MasterCounter, Scoreboard, SlotView, State
-from echod.server.access import CLOSE_REASONS
+from echod.scoreboard import (
+    CLOSE_REASONS,
+    Counter,
+    MasterCounter,
+    Scoreboard,
+    SlotView,
+    State,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -134,8 +140,9 @@ class ProcessSampler:
 def collect(board: Scoreboard, sampler: ProcessSampler,
             max_fds: int | None = None) -> list[MetricFamily]:
     """Every family, from one consistent read of the scoreboard."""
-    master, slots = board.snapshot()
-    totals = _totals(master.retired, slots)
+    snapshot = board.snapshot()
+    master, slots = snapshot
+    totals = snapshot.totals()
     now = time.monotonic()
 
     def counter(name: str, help_text: str) -> MetricFamily:
@@ -197,14 +204,6 @@ def collect(board: Scoreboard, sampler: ProcessSampler,
     families += _master_process(master.pid, sampler, max_fds)
     sampler.keep_only({master.pid, *(s.pid for s in slots)})
     return families
-
-
-def _totals(retired: Sequence[int], slots: Sequence[SlotView]) -> list[int]:
-    totals = list(retired)
-    for slot in slots:
-        for index in range(NUM_COUNTERS):
-            totals[index] += slot.counters[index]
-    return totals
 
 
 def _labelled(family: MetricFamily, label: str, indices: dict[str, int],

@@ -32,16 +32,19 @@ from collections.abc import Callable
 
 from echod.cidr import AddressPolicy
 from echod.config import Config
-from echod.limits.ratelimit import ADMIT, OVER_SOURCE_RATE, OVER_TOTAL_RATE, SharedBuckets
+from echod.datagram import MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6
+from echod.limits.ratelimit import (
+    ADMIT,
+    OVER_SOURCE_RATE,
+    OVER_TOTAL_RATE,
+    SharedBuckets,
+    source_key,
+)
 from echod.scoreboard import Counter
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
-# The largest UDP payloads: IPv4 65535 - 20 (IP header) - 8 (UDP header); IPv6
-# 65535 (payload length, header excluded) - 8. Anything larger would be an IPv6
-# jumbogram, which needs a 4 GB-MTU link: not supported.
-MAX_DATAGRAM_IPV4 = 65507
-MAX_DATAGRAM_IPV6 = 65527
 BUFFER_SIZE = 65536  # every possible datagram fits: none is ever truncated
+assert max(MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6) < BUFFER_SIZE
 BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
@@ -82,10 +85,10 @@ def is_unicast_source_v6(host: str) -> bool:
     return True
 
 
-def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceCheck | None:
+def build_source_check(config: Config, buckets: SharedBuckets | None,
+                       policy: AddressPolicy | None) -> SourceCheck | None:
     """The optional checks (3 and 4 above) as one function, or None when none is on."""
-    policy = AddressPolicy(config.allow, config.deny)
-    permits = policy.permits if policy else None
+    permits = policy.permits if policy is not None else None
     rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
     total = float(config.udp_rate_total)
     limiter = buckets.limiter(rate, burst, total, total) if buckets is not None and (
@@ -93,12 +96,12 @@ def build_source_check(config: Config, buckets: SharedBuckets | None) -> SourceC
     if permits is None and limiter is None:
         return None
     drop_reasons = {OVER_SOURCE_RATE: _DROPPED_RATE, OVER_TOTAL_RATE: _DROPPED_RATE_TOTAL}
+    key_of = source_key  # bound here: read for every datagram
 
     def check(host: str, now: float) -> int:
         if permits is not None and not permits(host):
             return _DROPPED_ADDRESS
-        # hash(): keyed per master boot, the same in all its workers (see source_key)
-        if limiter is not None and (verdict := limiter(hash(host), now)) != ADMIT:
+        if limiter is not None and (verdict := limiter(key_of(host), now)) != ADMIT:
             return drop_reasons[verdict]
         return 0
 

@@ -19,15 +19,18 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname
+from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits.admission import (
     REJECTED,
     AdmissionGate,
     SharedLimits,
+    address_policy,
     reject,
     tcp_limits_configured,
 )
@@ -59,8 +62,6 @@ ACCEPT_ERROR_COUNTERS = {
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
-# Tests set this to "boot" to prove the master ends a crash loop; nothing else reads it.
-FAULT_INJECTION_ENV = "_ECHOD_TEST_FAULT"
 
 
 class Connection:
@@ -82,6 +83,11 @@ class Connection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.ticket: int | None = None  # counted by the AdmissionGate: release at close
+
+
+# Called with each stream connection, and the counter of why it ends, just before
+# its socket closes: the access log (echod.server.access) is one.
+CloseHook = Callable[[Connection, Counter], None]
 
 
 @dataclass
@@ -125,10 +131,12 @@ class Worker:
         self.bytes_out = 0
         self.accepted = 0
         self.counters = [0] * NUM_COUNTERS
+        policy = address_policy(config)  # one for TCP and UDP: the same lists
         # None when no TCP limit is configured: the accept path then checks nothing
-        self.admission = AdmissionGate(config, limits.connections, identity.worker_id - 1,
-                                       self.counters) if tcp_limits_configured(config) else None
-        self.datagram_echoes = self._datagram_echoes(limits)
+        self.admission = AdmissionGate(
+            config, limits.connections, identity.worker_id - 1, self.counters,
+            policy) if tcp_limits_configured(config) else None
+        self.datagram_echoes = self._datagram_echoes(limits, policy)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
@@ -154,8 +162,6 @@ class Worker:
         os._exit(exitcodes.OK)
 
     def _boot(self) -> None:
-        if os.environ.get(FAULT_INJECTION_ENV) == "boot":
-            raise RuntimeError(f"boot failure injected by {FAULT_INJECTION_ENV}")
         self.signals = SignalQueue(WORKER_SIGNALS)
         # The master blocked signals around fork(); ours are installed now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
@@ -556,14 +562,34 @@ class Worker:
             self._close(conn, Counter.CLOSED_LIFETIME)
 
     # -- UDP -----------------------------------------------------------------------
-    def _datagram_echoes(self, limits: SharedLimits) -> dict[int, DatagramEcho]:
+    def _datagram_echoes(self, limits: SharedLimits,
+                         policy: AddressPolicy | None) -> dict[int, DatagramEcho]:
         datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
         if not datagram_listeners:
             return {}
         buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
-        check = build_source_check(self.config, limits.udp_buckets)
+        check = build_source_check(self.config, limits.udp_buckets, policy)
         return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
                 for lst in datagram_listeners}
+
+
+class _ReportingWorker(Worker):
+    """A worker that hands each connection to ``on_close`` before closing it.
+
+    A subclass chosen once at start rather than a test in ``_close``: a worker
+    without a hook does not even look for one.
+    """
+
+    def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
+                 on_close: CloseHook) -> None:
+        super().__init__(config, listeners, slot, identity, master_alive_fd, limits)
+        self.on_close = on_close
+
+    def _close(self, conn: Connection, reason: Counter) -> None:
+        if self.connections.get(conn.fd) is conn:  # not closed already
+            self.on_close(conn, reason)
+        super()._close(conn, reason)
 
 
 def _shutdown_gently(sock: socket.socket) -> None:
@@ -608,15 +634,31 @@ def _enable_stack_dumps(config: Config) -> None:
 
 
 def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int,
-                 limits: SharedLimits) -> NoReturn:
-    """Entry point in the freshly forked child."""
+                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
+                 on_close: CloseHook | None = None) -> NoReturn:
+    """Entry point in the freshly forked child. ``on_close``: see :data:`CloseHook`."""
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    worker_class = Worker
-    if config.access_log:  # decided once: without an access log the hot path pays nothing
-        from echod.server.access import AccessLoggingWorker
+    if on_close is None:
+        on_close = _access_log_hook(config)
+    # decided once: without a hook, the plain Worker runs and its close path pays nothing
+    if on_close is None:
+        worker = Worker(config, listeners, slot, identity, master_alive_fd, limits)
+    else:
+        worker = _ReportingWorker(config, listeners, slot, identity, master_alive_fd, limits,
+                                  on_close)
+    worker.run()
 
-        worker_class = AccessLoggingWorker
-    worker_class(config, listeners, slot, identity, master_alive_fd, limits).run()
+
+def _access_log_hook(config: Config) -> CloseHook | None:
+    """The access log's hook, for as long as the master does not pass it itself.
+
+    Imported only when the access log is on. One way only: the access log knows
+    nothing of the worker, so this is no cycle.
+    """
+    if not config.access_log:
+        return None
+    from echod.server.access import close_hook
+
+    return close_hook(config)

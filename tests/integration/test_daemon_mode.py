@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from support.echod import child_env, echo_roundtrip, echod_command, free_port, wait_until
+from support.faults import boot_fault_env
 
 from echod.pidfile import read_pid
 
@@ -94,7 +95,7 @@ def test_failure_after_detaching_is_reported_by_the_launcher(tmp_path: Path,
     runtime = tmp_path / "run"
     result = launch("-b", "127.0.0.1:0", "--runtime-dir", str(runtime),
                     "--log-file", str(tmp_path / "echod.log"),
-                    env={"_ECHOD_TEST_FAULT": "boot"})
+                    env=boot_fault_env(tmp_path / "faults"))
     assert result.returncode == 1, result.stderr
     assert "stopped before serving" in result.stderr
     assert "Traceback" not in result.stderr

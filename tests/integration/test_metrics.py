@@ -232,8 +232,7 @@ def test_fold_moves_a_slot_into_the_retired_totals_in_one_step(tmp_path) -> None
     reader = Scoreboard.attach(board.path, writable=False)
 
     def total(which: Counter) -> int:
-        master, slots = reader.snapshot()
-        return master.retired[which] + sum(slot.counters[which] for slot in slots)
+        return reader.snapshot().totals()[which]
 
     assert total(Counter.ACCEPTED) == 7
     board.fold_into_retired(0)

@@ -3,13 +3,16 @@ and TERM / INT / QUIT stop it the way the SPEC says."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from support.echod import echo_roundtrip, wait_until
+from support.faults import BOOT_FAILURE, boot_fault_env
 
 
 def _owners(server, clients: list[socket.socket]) -> dict[socket.socket, int] | None:
@@ -160,14 +163,15 @@ def test_hung_worker_is_killed_after_worker_timeout(start_echod) -> None:
     assert healthy in server.worker_pids()
 
 
-def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(start_echod) -> None:
-    server = start_echod(workers=2, wait=False, env={"_ECHOD_TEST_FAULT": "boot"})
+def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(start_echod,
+                                                                    tmp_path: Path) -> None:
+    server = start_echod(workers=2, wait=False, env=boot_fault_env(tmp_path / "faults"))
     assert server.wait(20) == 1
     server.wait_for_log("cannot start")
     starts = server.output.count("started worker")
     assert starts <= 2, f"{starts} worker starts: a crash loop"
     # the worker's own reason reaches the operator
-    server.wait_for_log("worker failed to start: boot failure injected")
+    server.wait_for_log("worker failed to start: " + re.escape(BOOT_FAILURE))
 
 
 def test_a_worker_dying_young_repeatedly_is_restarted_with_back_off(start_echod) -> None:

@@ -11,10 +11,10 @@ from support.echod import EchodProcess, wait_until
 
 
 def counter(server: EchodProcess, which: Counter) -> int:
-    """Sum of a counter over live and retired workers (published at least once a second)."""
+    """Total of a counter over live and retired workers (published at least once a second)."""
     board = Scoreboard.attach(str(server.runtime_dir / "echod.scoreboard"), writable=False)
     try:
-        return board.master().retired[which] + sum(s.counters[which] for s in board.slots())
+        return board.snapshot().totals()[which]
     finally:
         board.close()
 
