@@ -1,28 +1,8 @@
 """The master's pidfile, locked with flock(2) for as long as the master lives.
 
-Public API
-----------
-``PidFile(path)``
-    Nothing happens until ``acquire()``. Also a context manager (acquire/release).
-``PidFile.acquire() -> None``
-    Creates the parent directory (0755) and the file, takes an exclusive non-blocking
-    lock and writes this process's pid. A file nobody holds locked is stale and taken
-    over. Raises ``AlreadyRunning`` (exit 69) naming the holder's pid if it is held,
-    ``EchodError`` if the file cannot be created.
-``PidFile.write(pid) -> None``
-    Rewrites the pid in place on the locked fd (then fsync). Call it again after
-    daemonizing: the daemon's pid differs from the launcher's.
-``PidFile.release() -> None``
-    Removes the file if it is still ours (our inode, our pid), then unlocks. Idempotent.
-``PidFile.keep_across_exec() -> int``
-    Makes the locked fd survive ``os.execv`` and returns its number, for the new image.
-``PidFile.adopt(path, fd) -> PidFile``
-    In the re-executed master: wraps the inherited fd again (lock intact, close-on-exec
-    set again). Raises ``EchodError`` if ``fd`` is not the locked ``path``.
-``PidFile.close_in_child() -> None``
-    In a forked worker: closes the inherited fd without touching the lock or the file.
-``read_pid(path) -> int | None`` and ``is_locked(path) -> bool``
-    For echoctl. LSB: a pidfile whose lock nobody holds is stale.
+The lock, not the file, says who runs: a pidfile nobody holds locked is stale
+(LSB) and is taken over, so a crash never leaves echod unable to start, and
+echoctl asks ``is_locked`` before trusting the pid it reads.
 
 Why flock(2) and not fcntl/lockf record locks: a flock lock belongs to the open file
 description, so it survives both ``fork()`` (the lock taken before daemonizing stays
@@ -77,6 +57,7 @@ class PidFile:
         return self.fd is not None
 
     def acquire(self) -> None:
+        """Create, lock and write our pid; AlreadyRunning (exit 69) names the holder."""
         if self.fd is not None:
             return
         try:
@@ -126,6 +107,7 @@ class PidFile:
         return f"echod is already running (pid {shown}, pidfile {self.path})"
 
     def write(self, pid: int) -> None:
+        """Rewrite the pid in place; again after daemonizing, whose pid differs."""
         fd = self._locked_fd()
         data = f"{pid}\n".encode()
         # Write first, then cut: a reader never sees an empty file, and read_pid()
@@ -135,6 +117,7 @@ class PidFile:
         os.fsync(fd)
 
     def release(self) -> None:
+        """Remove the file if it is still ours (inode and pid), then unlock. Idempotent."""
         fd = self.fd
         if fd is None:
             return
@@ -152,12 +135,14 @@ class PidFile:
             os.close(fd)
 
     def keep_across_exec(self) -> int:
+        """Let the locked fd survive ``os.execv``; its number goes to the new image."""
         fd = self._locked_fd()
         os.set_inheritable(fd, True)
         return fd
 
     @classmethod
     def adopt(cls, path: str | os.PathLike[str], fd: int) -> PidFile:
+        """In the re-executed master: wrap the inherited, still locked fd again."""
         pidfile = cls(path)
         try:
             is_ours = _same_file(fd, pidfile.path)
@@ -174,6 +159,7 @@ class PidFile:
         return pidfile
 
     def close_in_child(self) -> None:
+        """In a forked child: close the inherited fd without touching lock or file."""
         # The lock stays with the master: it belongs to the shared open file
         # description, which the master still has open.
         if self.fd is not None:

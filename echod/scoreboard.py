@@ -152,9 +152,6 @@ class MasterView:
     retired: tuple[int, ...]
     events: tuple[int, ...] = ()
 
-    def event(self, which: MasterCounter) -> int:
-        return self.events[which]
-
 
 class Snapshot(NamedTuple):
     """The header and the slots in use, read between two folds (see

@@ -24,13 +24,14 @@ from echod.addresses import format_host_port
 from echod.ctl.output import format_ms
 from echod.ctl.payload import describe_mismatch
 from echod.ctl.stats import RttStats
+from echod.datagram import MAX_UDP_PAYLOAD_IPV4
 from echod.errors import EchodError
 
 # Each UDP datagram starts with this header so that any reply identifies the
 # probe it answers, even when it arrives late, twice or out of order.
 UDP_HEADER = struct.Struct(">4sI")
 UDP_MAGIC = b"ECHO"
-MAX_UDP_DATAGRAM = 65507  # the largest UDP payload over IPv4
+MAX_UDP_DATAGRAM = MAX_UDP_PAYLOAD_IPV4
 MAX_UDP_PAYLOAD = MAX_UDP_DATAGRAM - UDP_HEADER.size
 
 _RECV_SIZE = 65536

@@ -19,7 +19,7 @@ class SignalQueue:
     def __init__(self, signals: Iterable[signal.Signals]) -> None:
         self.signals = tuple(signals)
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         for signum in self.signals:
             signal.signal(signum, _ignore_here)
 

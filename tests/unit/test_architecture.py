@@ -9,6 +9,9 @@ express in general.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import grimp
 import pytest
 
@@ -39,3 +42,16 @@ def test_the_graph_sees_the_whole_package(graph: grimp.ImportGraph) -> None:
     # Guard against a vacuous pass: a mistyped package name would give no edges.
     assert {"echod.cli", "echod.server.master", "echod.ctl.main"} <= graph.modules
     assert graph.direct_import_exists(importer="echod.ctl.main", imported="echod.ctl.send")
+
+
+def test_the_access_log_does_not_import_the_worker(graph: grimp.ImportGraph) -> None:
+    # It hangs off the worker as a close hook; the worker's hot path stays its own.
+    assert not graph.chain_exists(importer="echod.server.access", imported="echod.server.worker")
+
+
+def test_the_metrics_process_loads_nothing_of_the_server() -> None:
+    # What is really imported at run time, lazy imports and all.
+    code = "import sys, echod.metrics.render, echod.metrics.service; print(*sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert [name for name in loaded if name.startswith("echod.server")] == []
