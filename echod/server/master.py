@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import psutil
-
 from echod import exitcodes, logs, procname
 from echod.config import MAX_WORKERS, Config
 from echod.errors import EchodError
@@ -55,7 +53,6 @@ ABORT_GRACE = 1.0  # seconds between SIGABRT (stack dump) and SIGKILL for a hung
 FAST_STOP_GRACE = 2.0  # seconds workers get to exit on a fast stop before SIGKILL
 IDLE_TICK = 1.0
 BUSY_TICK = 0.1
-MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between USS samples for max_worker_memory
 
 
 @dataclass
@@ -87,9 +84,17 @@ class Helper(Protocol):
         """Sockets it holds: no other child keeps them; daemonizing keeps them open."""
         return []
 
+    def private_fds(self) -> list[int]:
+        """Other descriptors only the master may hold: every child closes them."""
+        return []
+
     def handoff_fds(self) -> dict[str, int]:
         """Its sockets (address -> fd) to hand over across an in-place upgrade."""
         return {}
+
+    def recycle_requests(self) -> list[tuple[int, str]]:
+        """Workers (pid, why) it found should be replaced, since the last call."""
+        return []
 
     def before_exec(self) -> None:
         """The master is about to re-execute itself: stop the helper's process."""
@@ -128,7 +133,6 @@ class Master:
         self.backoff: dict[int, RestartBackoff] = {}  # by worker id
         self.upgrade = Upgrade(self.scoreboard, lambda: self.hooks.on_reloading(self),
                                lambda: self.hooks.on_ready(self))
-        self.next_memory_sample = 0.0
         self.signals: SignalQueue | None = None
         self.alive_read = self.alive_write = -1
 
@@ -144,8 +148,9 @@ class Master:
         self.signals = SignalQueue(MASTER_SIGNALS)
         # an upgrade exec'd us with these blocked; our handlers are in place now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-        self.children.inherited = Inheritance(self.signals, self.alive_read, self.alive_write,
-                                              self.pid, self.close_in_child, self._sockets)
+        self.children.inherited = Inheritance(
+            self.signals, self.alive_read, self.alive_write, self.pid, self.close_in_child,
+            self._sockets, lambda: [fd for helper in self.helpers for fd in helper.private_fds()])
         for helper in self.helpers:
             helper.attach(self.children, self.scoreboard)
 
@@ -227,7 +232,7 @@ class Master:
         self.upgrade.watch(now, self.children.kill)
         if self.phase is not MasterPhase.STOPPING:
             self._read_scoreboard()
-            self._sample_memory(now)
+            self._recycle_requested()
             self._recycle_replaced_workers()
             self._spawn_missing(now)
             self._finish_generation_switch()
@@ -476,22 +481,15 @@ class Master:
         level, log_file, log_format, access_log = logs.settings_of(config)
         return level, log_file or self.default_log_file, log_format, access_log
 
-    def _sample_memory(self, now: float) -> None:
-        """Recycle workers whose unique memory (USS) exceeds max_worker_memory."""
-        limit = self.config.max_worker_memory
-        if not limit or now < self.next_memory_sample:
-            return
-        self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL
-        for worker in self._current():
-            if worker.phase not in (WorkerPhase.BOOTING, WorkerPhase.SERVING):
-                continue
-            try:
-                uss = psutil.Process(worker.pid).memory_full_info().uss
-            except psutil.Error:
-                continue
-            if uss > limit:
-                log.info("recycling worker %d (pid %d): memory %d bytes > max_worker_memory "
-                         "%d", worker.worker_id, worker.pid, uss, limit)
+    def _recycle_requested(self) -> None:
+        """Workers a helper found should be replaced (the metrics process: max_worker_memory)."""
+        for helper in self.helpers:
+            for pid, why in helper.recycle_requests():
+                worker = self.workers.get(pid)
+                if worker is None or worker.generation != self.generation or \
+                        worker.phase not in (WorkerPhase.BOOTING, WorkerPhase.SERVING):
+                    continue
+                log.info("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, why)
                 worker.move(WorkerPhase.REPLACING)
 
     # -- in-place upgrade --------------------------------------------------------------
