@@ -303,30 +303,32 @@ class Master:
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        now = time.monotonic()
-        lifetime = now - worker.started
         logs.report_stack_dump(os.path.dirname(self.config.pidfile_path), worker.pid,
                                f"worker {worker.worker_id}")
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
         # its connections are gone, however it died: stop counting them against the limits
         self.limits.forget_worker(worker.slot, (w.slot for w in self.workers.values()))
-        how = describe_exit(status)
         if worker.dismissed or self.phase is MasterPhase.STOPPING:
-            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
-            return
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
+            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, describe_exit(status))
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
             self.scoreboard.count_event(MasterCounter.RESTARTS_BOOT_FAILED)
             self._on_boot_failure(worker)
-            return
+        else:
+            self._on_worker_death(worker, status)
+
+    def _on_worker_death(self, worker: WorkerProcess, status: int) -> None:
+        """It died on its own, or hung and we killed it: count it, and back off if young."""
+        now = time.monotonic()
+        lifetime = now - worker.started
         hung = worker.phase is WorkerPhase.ABORTING
         self.scoreboard.count_event(MasterCounter.RESTARTS_TIMEOUT if hung
                                     else MasterCounter.RESTARTS_CRASHED)
-        reason = "after worker_timeout" if hung else "unexpectedly"
         log.error("worker %d (pid %d) %s %s after %.1fs; replacing it", worker.worker_id,
-                  worker.pid, how, reason, lifetime)
+                  worker.pid, describe_exit(status),
+                  "after worker_timeout" if hung else "unexpectedly", lifetime)
         backoff = self.backoff.setdefault(worker.worker_id, RestartBackoff())
-        delay = backoff.died(now, lifetime, blameless=hung)
+        delay = backoff.died(now, lifetime, blameless=hung)  # killed by us: not its fault
         if backoff.failures > 1:
             log.warning("worker %d keeps dying young (%d in a row): next start in %.1fs",
                         worker.worker_id, backoff.failures, delay)
@@ -413,11 +415,7 @@ class Master:
             log.info("no longer listening on %s", listener.bound)
             listener.close()
         self.listeners = change.listeners
-        if self._log_settings(new_config) != self._log_settings(self.config):
-            try:
-                logs.setup_logging(*self._log_settings(new_config))
-            except EchodError as exc:
-                log.error("reload: %s; logging stays as it was", exc)
+        self._reconfigure_logging(new_config)
         self.config = new_config
         self.desired = new_config.workers
         self.generation += 1
@@ -476,6 +474,13 @@ class Master:
             for worker in waiting:
                 self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
                 self._retire(worker)
+
+    def _reconfigure_logging(self, new_config: Config) -> None:
+        if self._log_settings(new_config) != self._log_settings(self.config):
+            try:
+                logs.setup_logging(*self._log_settings(new_config))
+            except EchodError as exc:
+                log.error("reload: %s; logging stays as it was", exc)
 
     def _log_settings(self, config: Config) -> tuple[str, str, str, str]:
         level, log_file, log_format, access_log = logs.settings_of(config)
