@@ -12,21 +12,21 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from support.master import FakeChildren, report, started
 
 from echod import exitcodes
 from echod.addresses import parse_address
 from echod.config import MAX_WORKERS, Config
 from echod.metrics.service import MemoryWatch
 from echod.pidfile import PidFile
-from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
+from echod.scoreboard import MasterCounter, Scoreboard, State
 from echod.server import master as master_module
 from echod.server.children import (
-    Children,
     Inheritance,
     RestartBackoff,
     after_fork_in_child,
@@ -46,32 +46,6 @@ from echod.server.upgrade import AdoptedWorker, Handoff
 
 BOOT_FATAL = exitcodes.WORKER_BOOT_FATAL << 8  # wait statuses, as waitpid reports them
 CRASHED = 1 << 8
-
-
-@dataclass
-class FakeChildren(Children):
-    """Records what the master asks of the kernel; the test decides who exits."""
-
-    next_pid: int = 1000
-    forked: list[int] = field(default_factory=list)
-    signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
-    exits: list[tuple[int, int]] = field(default_factory=list)
-
-    def fork(self, keep: Sequence[Listener], body: object, *, failed: str,
-             failure_code: int) -> int:
-        self.next_pid += 1
-        self.forked.append(self.next_pid)
-        return self.next_pid
-
-    def kill(self, pid: int, signum: signal.Signals) -> None:
-        self.signals.append((pid, signum))
-
-    def reaped(self) -> Iterator[tuple[int, int]]:
-        exits, self.exits = self.exits, []
-        yield from exits
-
-    def sent(self, signum: signal.Signals) -> list[int]:
-        return [pid for pid, sig in self.signals if sig == signum]
 
 
 @dataclass
@@ -113,23 +87,6 @@ def make_master(tmp_path: Path, board: Scoreboard, heard: Heard):
 def fake(master: Master) -> FakeChildren:
     assert isinstance(master.children, FakeChildren)
     return master.children
-
-
-def report(master: Master, state: State, *workers: WorkerProcess) -> None:
-    """Play the workers' part: publish a state and a fresh heartbeat."""
-    for worker in workers or tuple(master.workers.values()):
-        slot = WorkerSlot(master.scoreboard, worker.slot)
-        slot.set_state(state)
-        slot.heartbeat(time.monotonic())
-
-
-def started(master: Master, now: float | None = None) -> list[WorkerProcess]:
-    """First tick, then every worker reports READY and the master notices."""
-    now = time.monotonic() if now is None else now
-    master._supervise(now)
-    report(master, State.READY)
-    master._supervise(now)
-    return sorted(master.workers.values(), key=lambda w: w.worker_id)
 
 
 def exit_(master: Master, worker: WorkerProcess, status: int) -> None:
