@@ -4,9 +4,10 @@
     -> scoreboard -> drop privileges -> master
 
 Everything that can fail because of the user's input fails before detaching,
-so the launching command prints it and exits with its code. After an in-place
-upgrade the same function runs in the re-executed image and takes the pidfile,
-sockets and scoreboard over instead of creating them.
+so the launching command prints it and exits with its code. ``fresh_start``
+opens the resources; in the image an in-place upgrade re-executed,
+``take_over`` adopts the pidfile, sockets and scoreboard instead. Both return
+one ``Resources``, and the rest of ``serve`` is the same for both.
 """
 
 from __future__ import annotations
