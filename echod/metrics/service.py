@@ -1,12 +1,13 @@
-"""The ``/metrics`` endpoint: a small child process the master supervises.
+"""The ``/metrics`` endpoint: the HTTP loop of a small child process.
 
 Why a process and not the master's loop: rendering reads psutil for every worker
 and a scraper may be slow or hostile; none of that may delay the master's
-supervision or put it at risk. The master binds the socket before anything
-forks (so a port in use fails start-up with exit 69, like any listener) and
-keeps it across reloads; the child serves it and reads the scoreboard mapping
-it inherited. The child is restarted if it dies (with back-off) and never
-outlives the master (master-alive pipe, PR_SET_PDEATHSIG as a backstop).
+supervision or put it at risk. The master owns the socket and supervises this
+process (``echod.server.metrics_child``); the child serves the socket and reads
+the scoreboard mapping it inherited. It never outlives the master (master-alive
+pipe, PR_SET_PDEATHSIG as a backstop). With ``max_worker_memory`` set it also
+samples the workers' memory for the master (``MemoryWatch``), and then runs even
+when ``metrics_bind`` is off.
 
 HTTP is the minimum a scraper needs: ``GET``/``HEAD /metrics`` on HTTP/1.0 or
 1.1, one request per connection (``Connection: close``), requests of at most
@@ -22,18 +23,14 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+
+import psutil
 
 from echod import logs, procname
-from echod.addresses import parse_address
-from echod.errors import BindError
 from echod.metrics import render
 from echod.scoreboard import Scoreboard
-from echod.server.listeners import Listener, open_listener
-
-if TYPE_CHECKING:
-    from echod.server.master import Master
 
 log = logging.getLogger("echod.metrics")
 
@@ -42,183 +39,59 @@ MAX_CLIENTS = 32  # more wait in the kernel's backlog
 MAX_REQUEST = 8192  # bytes of request line + headers
 CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
 LINGER = 1.0  # seconds to wait for the client's FIN after our answer (no RST on close)
-YOUNG_DEATH = 5.0
-MAX_BACKOFF = 10.0
+MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between USS samples for max_worker_memory
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
                    signal.SIGTTOU)
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 
-# -- the master's side ----------------------------------------------------------------------
+def run_metrics_process(sock: socket.socket | None, bound: str, board: Scoreboard,
+                        master_alive_fd: int, master_pid: int,
+                        blocked_signals: Iterable[signal.Signals],
+                        memory: MemoryWatch | None = None) -> None:
+    """In the freshly forked metrics child (already cleaned up by the master's side)."""
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked_signals)  # blocked across fork()
+    logs.set_role("metrics")
+    procname.set_title(f"metrics (http://{bound}/metrics)" if sock is not None
+                       else "metrics (max_worker_memory)")
+    procname.die_with_parent()
+    MetricsServer(sock, board, master_alive_fd, master_pid, memory).run()
+
 
 @dataclass
-class MetricsService:
-    """Owns the metrics socket in the master and keeps one metrics process serving it."""
+class MemoryWatch:
+    """``max_worker_memory``: each worker's unique memory (USS), sampled here.
 
-    bind: str = ""  # as configured; "" = off
-    listener: Listener | None = None
-    pid: int = 0
-    started: float = 0.0
-    failures: int = 0  # deaths in a row shortly after starting
-    respawn_at: float = 0.0
-    replacing: bool = False  # we stopped the child ourselves (new socket): no back-off
-    refused_bind: str = ""  # a reload asked for this and it could not be bound
+    psutil reads /proc/PID/smaps for every worker, which is too slow for the
+    master's loop; this process reports the workers over the limit as lines of
+    ``PID USS`` on a pipe, and the master decides whom to recycle.
+    """
 
-    @classmethod
-    def open(cls, bind: str) -> MetricsService:
-        """Bind now (before any fork); BindError (exit 69) if the address is taken."""
-        service = cls()
-        if bind:
-            service.listener = _open(bind)
-            service.bind = bind
-            _announce(service.listener)
-        return service
+    limit: int
+    report_fd: int  # non-blocking: a master that does not read loses reports, never us
+    next_sample: float = 0.0
 
-    def listeners(self) -> list[Listener]:
-        """Sockets to keep open across daemonizing and an in-place upgrade."""
-        return [self.listener] if self.listener is not None else []
+    def due_in(self, now: float) -> float:
+        return max(0.0, self.next_sample - now)
 
-    # The master calls these (see master.Helper).
-    def supervise(self, master: Master, now: float) -> None:
-        wanted = master.config.metrics_bind
-        if wanted != self.bind and wanted != self.refused_bind:
-            self._rebind(wanted)
-        if master.stopping or self.listener is None or self.pid or now < self.respawn_at:
+    def sample(self, board: Scoreboard, now: float) -> None:
+        if now < self.next_sample:
             return
-        self._spawn(master)
-
-    def child_exited(self, pid: int, status: int) -> bool:
-        if pid != self.pid:
-            return False
-        self.pid = 0
-        now = time.monotonic()
-        if self.replacing:
-            self.replacing = False
-            return True
-        lived = now - self.started
-        log.error("metrics process (pid %d) %s after %.1fs; restarting it", pid,
-                  _describe(status), lived)
-        self.failures = self.failures + 1 if lived < YOUNG_DEATH else 0
-        if self.failures:
-            self.respawn_at = now + min(0.1 * 2 ** (self.failures - 1), MAX_BACKOFF)
-        return True
-
-    def close_in_child(self) -> None:
-        """In a freshly forked worker: drop our copy of the socket."""
-        if self.listener is not None:
-            self.listener.sock.close()
-
-    def stop(self) -> None:
-        """The master is leaving: stop the metrics process and close the socket."""
-        self.before_exec()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-
-    def before_exec(self) -> None:
-        """Stop the metrics process; an upgraded master starts its own on our socket."""
-        if self.pid:
-            _kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 1.0
-            while not _reaped(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if not _reaped(self.pid):
-                _kill(self.pid, signal.SIGKILL)
-                _reaped(self.pid, wait=True)
-            self.pid = 0
-
-    # -- inside --------------------------------------------------------------------------------
-    def _rebind(self, wanted: str) -> None:
-        """A reload changed metrics_bind: serve the new address, or keep the old one."""
-        fresh: Listener | None = None
-        if wanted:
+        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
+        lines = []
+        for slot in board.slots():
             try:
-                fresh = _open(wanted)
-            except BindError as exc:
-                log.error("reload: %s; metrics stay on %s", exc, self.bind or "(off)")
-                self.refused_bind = wanted
-                return
-        self.refused_bind = ""
-        if self.listener is not None:
-            self.listener.close()
-        self.listener, self.bind = fresh, wanted
-        if fresh is not None:
-            _announce(fresh)
-        else:
-            log.info("metrics endpoint turned off")
-        if self.pid:
-            self.replacing = True
-            _kill(self.pid, signal.SIGTERM)  # its successor serves the new socket
-
-    def _spawn(self, master: Master) -> None:
-        from echod.server.master import MASTER_SIGNALS
-        from echod.server.signals import blocked
-
-        assert self.listener is not None
-        with blocked(MASTER_SIGNALS):  # as for workers: no master handler runs in the child
-            pid = os.fork()
-            if pid == 0:
-                self._become_metrics_process(master)
-        self.pid = pid
-        self.started = time.monotonic()
-        log.debug("started metrics process (pid %d)", pid)
-
-    def _become_metrics_process(self, master: Master) -> NoReturn:
-        from echod.server.master import MASTER_SIGNALS
-
-        code = 1
-        try:
-            assert self.listener is not None
-            master.signals.close()
-            os.close(master.alive_write)
-            master.close_in_worker()
-            for listener in master.listeners:
-                listener.sock.close()  # ours must not keep echo ports open
-            for signum in IGNORED_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            logs.set_role("metrics")
-            procname.set_title(f"metrics (http://{self.listener.bound}/metrics)")
-            procname.die_with_parent()
-            server = MetricsServer(self.listener.sock, master.scoreboard, master.alive_read,
-                                   master.pid)
-            server.run()
-            code = 0
-        except BaseException:
-            log.exception("metrics process failed")
-        logging.shutdown()
-        os._exit(code)
-
-
-def _open(bind: str) -> Listener:
-    return open_listener(parse_address(bind), BACKLOG)
-
-
-def _announce(listener: Listener) -> None:
-    log.info("serving metrics on http://%s/metrics", listener.bound)
-
-
-def _kill(pid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _reaped(pid: int, wait: bool = False) -> bool:
-    try:
-        done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
-    except ChildProcessError:
-        return True  # already reaped (by the master's loop)
-    return done == pid
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        try:
-            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        except ValueError:
-            return f"was killed by signal {os.WTERMSIG(status)}"
-    return f"exited with code {os.WEXITSTATUS(status)}"
+                uss = psutil.Process(slot.pid).memory_full_info().uss
+            except psutil.Error:
+                continue
+            if uss > self.limit:
+                lines.append(f"{slot.pid} {uss}\n")
+        if lines:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self.report_fd, "".join(lines).encode())
 
 
 # -- the metrics process ------------------------------------------------------------------
@@ -233,9 +106,10 @@ class HttpClient:
 
 
 class MetricsServer:
-    def __init__(self, sock: socket.socket, board: Scoreboard, master_alive_fd: int,
-                 master_pid: int) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket | None, board: Scoreboard, master_alive_fd: int,
+                 master_pid: int, memory: MemoryWatch | None = None) -> None:
+        self.sock = sock  # None: only watching memory (metrics_bind is off)
+        self.memory = memory
         self.board = board
         self.master_alive_fd = master_alive_fd
         self.master_pid = master_pid
@@ -249,20 +123,30 @@ class MetricsServer:
         if os.getppid() != self.master_pid:
             return  # the master died while we started
         self.epoll.register(self.master_alive_fd, select.EPOLLIN)
-        self._accepting(True)
+        if self.sock is not None:
+            self._accepting(True)
+        listening = self.sock.fileno() if self.sock is not None else -1
+        if self.memory is not None:  # like the master's own sampling was: first after a pause
+            self.memory.next_sample = time.monotonic() + MEMORY_SAMPLE_INTERVAL
         while True:
             timeout = min((c.deadline for c in self.clients.values()), default=None)
             wait = 1.0 if timeout is None else max(0.0, min(1.0, timeout - time.monotonic()))
+            if self.memory is not None:
+                wait = min(wait, self.memory.due_in(time.monotonic()))
             for fd, mask in self.epoll.poll(wait):
                 if fd == self.master_alive_fd:
                     return  # EOF: the master is gone
-                if fd == self.sock.fileno():
+                if fd == listening:
                     self._accept()
                 elif fd in self.clients:
                     self._on_event(self.clients[fd], mask)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            self._expire(now)
+            if self.memory is not None:
+                self.memory.sample(self.board, now)
 
     def _accepting(self, on: bool) -> None:
+        assert self.sock is not None
         if on and not self.accepting:
             self.epoll.register(self.sock.fileno(), select.EPOLLIN)
         elif not on and self.accepting:
@@ -270,6 +154,7 @@ class MetricsServer:
         self.accepting = on
 
     def _accept(self) -> None:
+        assert self.sock is not None
         while len(self.clients) < MAX_CLIENTS:
             try:
                 sock, _ = self.sock.accept()
@@ -377,5 +262,5 @@ class MetricsServer:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
         client.sock.close()
-        if not self.accepting and len(self.clients) < MAX_CLIENTS:
+        if self.sock is not None and not self.accepting and len(self.clients) < MAX_CLIENTS:
             self._accepting(True)

@@ -3,12 +3,16 @@
 Its loop is the whole story: wait for a signal or the next timer, handle what
 arrived, check on the workers, repeat. Signal handlers never do work; they
 only wake the loop (see ``signals``). Workers are tracked in the master's own
-table and on the shared scoreboard, where they publish heartbeats and counters.
+table, one phase each (see ``phases``), and on the shared scoreboard, where
+they publish heartbeats and counters.
+
+Building a ``Master`` has no side effects; ``open()`` (called by ``run()``)
+creates the master-alive pipe and installs the signal handlers. So tests build
+one with a fake ``Children`` and drive its decisions in-process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -18,52 +22,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import psutil
-
 from echod import exitcodes, logs, procname
-from echod.config import Config
+from echod.config import MAX_WORKERS, Config
 from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
-from echod.server.listeners import Listener, reconcile
-from echod.server.signals import SignalQueue, blocked
-from echod.server.upgrade import (
-    PREFLIGHT_TIMEOUT,
-    AdoptedWorker,
-    Handoff,
-    Preflight,
-    exec_new_image,
+from echod.server.children import (
+    MASTER_SIGNALS,
+    Children,
+    Inheritance,
+    RestartBackoff,
+    describe_exit,
 )
+from echod.server.listeners import Listener, reconcile
+from echod.server.phases import (
+    WORKER_MOVES,
+    MasterPhase,
+    WorkerPhase,
+    WorkerProcess,
+    check_master_move,
+)
+from echod.server.signals import SignalQueue
+from echod.server.upgrade import AdoptedWorker, Handoff, Upgrade
 from echod.server.worker import WorkerIdentity, start_worker
 
 log = logging.getLogger("echod.master")
 
-MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
 ABORT_GRACE = 1.0  # seconds between SIGABRT (stack dump) and SIGKILL for a hung worker
 FAST_STOP_GRACE = 2.0  # seconds workers get to exit on a fast stop before SIGKILL
-YOUNG_DEATH = 5.0  # a worker dying younger than this was probably failing at boot
-MAX_BACKOFF = 10.0
 IDLE_TICK = 1.0
 BUSY_TICK = 0.1
-MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between USS samples for max_worker_memory
-
-
-@dataclass
-class WorkerProcess:
-    pid: int
-    worker_id: int
-    generation: int
-    started: float
-    retiring: bool = False  # told to drain (TERM sent)
-    retire_deadline: float = 0.0
-    replacement_requested: bool = False
-    abort_sent_at: float = 0.0
-
-    @property
-    def slot(self) -> int:
-        return self.worker_id - 1
 
 
 @dataclass
@@ -79,25 +68,39 @@ class Hooks:
 class Helper(Protocol):
     """A process the master keeps running beside the workers (the metrics endpoint)."""
 
-    def supervise(self, master: Master, now: float) -> None:
+    name: str  # its key in the upgrade hand-off
+
+    def attach(self, children: Children, scoreboard: Scoreboard) -> None:
+        """Once, before the first fork: how to start its process, and what it may read."""
+
+    def supervise(self, config: Config, stopping: bool, now: float) -> None:
         """Every loop iteration: start (or restart) the process when needed."""
 
     def child_exited(self, pid: int, status: int) -> bool:
         """A child that is not a worker was reaped; return True if it was ours."""
         return False
 
-    def close_in_child(self) -> None:
-        """In a freshly forked worker: close what the helper holds open."""
+    def sockets(self) -> list[Listener]:
+        """Sockets it holds: no other child keeps them; daemonizing keeps them open."""
+        return []
 
-    def stop(self) -> None:
-        """The master is leaving."""
+    def private_fds(self) -> list[int]:
+        """Other descriptors only the master may hold: every child closes them."""
+        return []
 
-    def listeners(self) -> list[Listener]:
-        """Sockets the helper holds, to hand over across an in-place upgrade."""
+    def handoff_fds(self) -> dict[str, int]:
+        """Its sockets (address -> fd) to hand over across an in-place upgrade."""
+        return {}
+
+    def recycle_requests(self) -> list[tuple[int, str]]:
+        """Workers (pid, why) it found should be replaced, since the last call."""
         return []
 
     def before_exec(self) -> None:
         """The master is about to re-execute itself: stop the helper's process."""
+
+    def stop(self) -> None:
+        """The master is leaving."""
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Master:
     load_config: Callable[[], Config]
     pidfile: PidFile
     hooks: Hooks = field(default_factory=Hooks)
-    close_in_worker: Callable[[], None] = lambda: None
+    close_in_child: Callable[[], None] = lambda: None  # the layers around us, in every child
     version: str = ""
     code_started: float = 0.0
     handoff: Handoff | None = None  # set when this image was started by an upgrade
@@ -116,46 +119,53 @@ class Master:
     default_log_file: str = ""  # where logs go when the config names no file (daemon mode)
     # created here, before any fork, so that every worker maps the same pages
     limits: SharedLimits = field(default_factory=SharedLimits)
+    children: Children = field(default_factory=Children)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # bookkeeping only: the side effects wait for open()
         self.pid = os.getpid()
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.desired = self.config.workers
-        self.stopping = False
+        self.phase = MasterPhase.RUNNING
         self.stop_deadline = 0.0
         self.exit_code = exitcodes.OK
         self.ready_announced = False
-        self.reload_pending = False
-        self.boot_failures: dict[int, int] = {}
-        self.respawn_at: dict[int, float] = {}
-        self.preflight: Preflight | None = None
-        self.switch_reason = "reload"  # what the pending generation switch is for
-        self.next_memory_sample = 0.0
+        self.backoff: dict[int, RestartBackoff] = {}  # by worker id
+        self.upgrade = Upgrade(self.scoreboard, lambda: self.hooks.on_reloading(self),
+                               lambda: self.hooks.on_ready(self))
+        self.signals: SignalQueue | None = None
+        self.alive_read = self.alive_write = -1
+
+    def open(self) -> None:
+        """The master-alive pipe (or the adopted one) and the signal handlers."""
         if self.handoff is None:
             self.alive_read, self.alive_write = os.pipe2(os.O_CLOEXEC)
         else:
-            self._adopt(self.handoff)
+            self.alive_read, self.alive_write = self.handoff.alive_read, self.handoff.alive_write
+            os.set_inheritable(self.alive_read, False)
+            os.set_inheritable(self.alive_write, False)
+            self.adopt(self.handoff)
         self.signals = SignalQueue(MASTER_SIGNALS)
         # an upgrade exec'd us with these blocked; our handlers are in place now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        self.children.inherited = Inheritance(
+            self.signals, self.alive_read, self.alive_write, self.pid, self.close_in_child,
+            self._sockets, lambda: [fd for helper in self.helpers for fd in helper.private_fds()])
+        for helper in self.helpers:
+            helper.attach(self.children, self.scoreboard)
 
-    def _adopt(self, handoff: Handoff) -> None:
+    def adopt(self, handoff: Handoff) -> None:
         """After an in-place upgrade: take over the previous image's workers."""
-        self.alive_read, self.alive_write = handoff.alive_read, handoff.alive_write
-        os.set_inheritable(self.alive_read, False)
-        os.set_inheritable(self.alive_write, False)
         now = time.monotonic()
         for adopted in handoff.workers:
-            worker = WorkerProcess(adopted.pid, adopted.worker_id, adopted.generation, now)
-            if adopted.retiring:  # was draining already: give it a fresh deadline
-                worker.retiring = True
-                worker.retire_deadline = now + self.config.graceful_timeout + 1.0
+            worker = WorkerProcess(adopted.pid, adopted.worker_id, adopted.generation, now,
+                                   WorkerPhase.SERVING)
+            if adopted.dismissed:  # was draining already: give it a fresh deadline
+                worker.move(WorkerPhase.DRAINING, now + self.config.graceful_timeout + 1.0)
             self.workers[adopted.pid] = worker
         self.generation = handoff.generation + 1
         self.desired = handoff.desired
-        self.reload_pending = True  # old workers retire once the new generation serves
-        self.switch_reason = "upgrade"
+        self._move(MasterPhase.ADOPTING)  # old workers retire once the new generation serves
         self.ready_announced = True
         self.scoreboard.count_event(MasterCounter.UPGRADES_OK)
         log.info("upgraded in place to echod %s: adopted %d worker(s) of generation %d; "
@@ -164,6 +174,7 @@ class Master:
 
     # -- the story ---------------------------------------------------------------
     def run(self) -> int:
+        self.open()
         procname.set_title(f"master ({', '.join(str(a) for a in self.config.bind)})")
         self._publish_master()
         self._announce_listeners()
@@ -172,13 +183,14 @@ class Master:
             for signum in self._wait_for_signals(self._next_tick()):
                 self._handle_signal(signum)
             self._reap()
-            if self.stopping and not self.workers:
+            if self.phase is MasterPhase.STOPPING and not self.workers:
                 break
             self._supervise(time.monotonic())
         self._cleanup()
         return self.exit_code
 
     def _wait_for_signals(self, timeout: float) -> list[signal.Signals]:
+        assert self.signals is not None
         try:
             readable, _, _ = select.select([self.signals], [], [], timeout)
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
@@ -186,11 +198,12 @@ class Master:
         return self.signals.drain() if readable else []
 
     def _next_tick(self) -> float:
-        busy = self.stopping or self.reload_pending or not self.ready_announced or \
-            self.preflight is not None or any(
-            w.retiring or w.abort_sent_at or w.replacement_requested
-            for w in self.workers.values()) or len(self._current()) < self.desired
-        return BUSY_TICK if busy else IDLE_TICK
+        """Idle only when nothing is due: no switch, stop, upgrade, or worker on the move."""
+        settled = (self.phase is MasterPhase.RUNNING and self.ready_announced
+                   and not self.upgrade.in_progress
+                   and all(w.phase.settled for w in self.workers.values())
+                   and len(self._current()) >= self.desired)
+        return IDLE_TICK if settled else BUSY_TICK
 
     def _handle_signal(self, signum: signal.Signals) -> None:
         match signum:
@@ -211,34 +224,38 @@ class Master:
                 logs.reopen_log_files()
                 self._signal_workers(signal.SIGUSR1)
             case signal.SIGUSR2:
-                self.upgrade()
+                self.upgrade.request(stopping=self.phase is MasterPhase.STOPPING)
 
     def _supervise(self, now: float) -> None:
         self._kill_hung_workers(now)
         self._enforce_retire_deadlines(now)
-        if self.preflight is not None:
-            self._watch_preflight(now)
-        if not self.stopping:
-            self._sample_memory(now)
-            self._recycle_retiring_workers()
+        self.upgrade.watch(now, self.children.kill)
+        if self.phase is not MasterPhase.STOPPING:
+            self._read_scoreboard()
+            self._recycle_requested()
+            self._recycle_replaced_workers()
             self._spawn_missing(now)
             self._finish_generation_switch()
             self._announce_ready_once()
         for helper in self.helpers:
-            helper.supervise(self, now)
+            helper.supervise(self.config, self.phase is MasterPhase.STOPPING, now)
         self.hooks.on_tick(self)
+
+    def _move(self, to: MasterPhase) -> None:
+        self.phase = check_master_move(self.phase, to)
 
     # -- spawning ------------------------------------------------------------------
     def _current(self) -> list[WorkerProcess]:
-        """Workers of the current generation that are not on their way out."""
+        """Workers of the current generation that were not sent away."""
         return [w for w in self.workers.values()
-                if w.generation == self.generation and not w.retiring]
+                if w.generation == self.generation and not w.dismissed]
 
     def _spawn_missing(self, now: float) -> None:
-        missing = self.desired - sum(1 for w in self._current() if not w.replacement_requested)
+        replacing = WorkerPhase.REPLACING
+        missing = self.desired - sum(1 for w in self._current() if w.phase is not replacing)
         for _ in range(missing):
             worker_id = self._free_worker_id()
-            if now < self.respawn_at.get(worker_id, 0.0):
+            if worker_id in self.backoff and not self.backoff[worker_id].may_start(now):
                 return  # backing off: this one kept dying at boot
             self._spawn(worker_id)
 
@@ -253,43 +270,29 @@ class Master:
         slot = worker_id - 1
         self.scoreboard.claim(slot, pid=0, generation=self.generation, worker_id=worker_id)
         identity = WorkerIdentity(worker_id, self.generation, self.pid)
-        # Signals stay blocked across fork() so none is lost or handled by the
-        # master's handlers in the child before the worker installs its own.
-        with blocked(MASTER_SIGNALS):
-            pid = os.fork()
-            if pid == 0:
-                self._become_worker(identity)
+        pid = self.children.fork(
+            self.listeners,
+            lambda: start_worker(self.config, self.listeners, WorkerSlot(self.scoreboard, slot),
+                                 identity, self.alive_read, self.limits),
+            failed=f"worker {worker_id} failed to start",
+            failure_code=exitcodes.WORKER_BOOT_FATAL)
         self.scoreboard.set_pid(slot, pid)
         worker = WorkerProcess(pid, worker_id, self.generation, time.monotonic())
         self.workers[pid] = worker
         log.info("started worker %d (pid %d, generation %d)", worker_id, pid, self.generation)
         return worker
 
-    def _become_worker(self, identity: WorkerIdentity) -> None:
-        try:
-            self.signals.close()
-            os.close(self.alive_write)
-            self.close_in_worker()
-            for helper in self.helpers:
-                helper.close_in_child()
-            slot = WorkerSlot(self.scoreboard, identity.worker_id - 1)
-            start_worker(self.config, self.listeners, slot, identity, self.alive_read,
-                         self.limits)
-        except BaseException:
-            log.exception("worker %d failed to start", identity.worker_id)
-        os._exit(exitcodes.WORKER_BOOT_FATAL)
+    def _sockets(self) -> list[Listener]:
+        """Every socket the master holds: a child closes those that are not its own."""
+        return [*self.listeners, *(s for helper in self.helpers for s in helper.sockets())]
 
     # -- reaping -------------------------------------------------------------------
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if self.preflight is not None and pid == self.preflight.pid:
-                self._on_preflight_exit(status)
+        for pid, status in self.children.reaped():
+            if self.upgrade.owns(pid):
+                self.upgrade.preflight_exited(status, stopping=self.phase is MasterPhase.STOPPING,
+                                              handoff=self._handoff,
+                                              before_exec=self._before_exec)
                 continue
             worker = self.workers.pop(pid, None)
             if worker is None:
@@ -300,43 +303,41 @@ class Master:
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        now = time.monotonic()
-        lifetime = now - worker.started
         logs.report_stack_dump(os.path.dirname(self.config.pidfile_path), worker.pid,
                                f"worker {worker.worker_id}")
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
         # its connections are gone, however it died: stop counting them against the limits
         self.limits.forget_worker(worker.slot, (w.slot for w in self.workers.values()))
-        how = _describe_exit(status)
-        expected = worker.retiring or self.stopping
-        if expected:
-            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
-            return
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
+        if worker.dismissed or self.phase is MasterPhase.STOPPING:
+            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, describe_exit(status))
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
             self.scoreboard.count_event(MasterCounter.RESTARTS_BOOT_FAILED)
             self._on_boot_failure(worker)
-            return
-        self.scoreboard.count_event(MasterCounter.RESTARTS_TIMEOUT if worker.abort_sent_at
-                                    else MasterCounter.RESTARTS_CRASHED)
-        reason = "after worker_timeout" if worker.abort_sent_at else "unexpectedly"
-        log.error("worker %d (pid %d) %s %s after %.1fs; replacing it", worker.worker_id,
-                  worker.pid, how, reason, lifetime)
-        if lifetime < YOUNG_DEATH and not worker.abort_sent_at:
-            failures = self.boot_failures.get(worker.worker_id, 0) + 1
-            self.boot_failures[worker.worker_id] = failures
-            delay = min(0.1 * 2 ** (failures - 1), MAX_BACKOFF)
-            self.respawn_at[worker.worker_id] = now + delay
-            if failures > 1:
-                log.warning("worker %d keeps dying young (%d in a row): next start in %.1fs",
-                            worker.worker_id, failures, delay)
         else:
-            self.boot_failures.pop(worker.worker_id, None)
-            self.respawn_at.pop(worker.worker_id, None)
+            self._on_worker_death(worker, status)
+
+    def _on_worker_death(self, worker: WorkerProcess, status: int) -> None:
+        """It died on its own, or hung and we killed it: count it, and back off if young."""
+        now = time.monotonic()
+        lifetime = now - worker.started
+        hung = worker.phase is WorkerPhase.ABORTING
+        self.scoreboard.count_event(MasterCounter.RESTARTS_TIMEOUT if hung
+                                    else MasterCounter.RESTARTS_CRASHED)
+        log.error("worker %d (pid %d) %s %s after %.1fs; replacing it", worker.worker_id,
+                  worker.pid, describe_exit(status),
+                  "after worker_timeout" if hung else "unexpectedly", lifetime)
+        backoff = self.backoff.setdefault(worker.worker_id, RestartBackoff())
+        delay = backoff.died(now, lifetime, blameless=hung)  # killed by us: not its fault
+        if backoff.failures > 1:
+            log.warning("worker %d keeps dying young (%d in a row): next start in %.1fs",
+                        worker.worker_id, backoff.failures, delay)
+        if not backoff.failures:
+            del self.backoff[worker.worker_id]
 
     def _on_boot_failure(self, worker: WorkerProcess) -> None:
         older = [w for w in self.workers.values() if w.generation < worker.generation]
-        if worker.generation == self.generation and older and self.reload_pending:
+        if worker.generation == self.generation and older and self.phase.switching:
             log.error("reload failed: workers of generation %d cannot start (see above); "
                       "generation %d keeps serving", worker.generation, self.generation - 1)
             self._abandon_generation()
@@ -351,47 +352,52 @@ class Master:
             self._retire(worker, graceful=False)
         self.generation -= 1
         self.desired = sum(1 for w in self._current())
-        self.reload_pending = False
+        self._move(MasterPhase.RUNNING)
         self.hooks.on_ready(self)
 
     # -- timeouts ------------------------------------------------------------------
     def _kill_hung_workers(self, now: float) -> None:
         timeout = self.config.worker_timeout
         for worker in list(self.workers.values()):
-            if worker.abort_sent_at:
-                if now - worker.abort_sent_at >= ABORT_GRACE:
-                    _kill(worker.pid, signal.SIGKILL)
+            if worker.phase in (WorkerPhase.ABORTING, WorkerPhase.KILLED):
+                if now >= worker.deadline:
+                    self.children.kill(worker.pid, signal.SIGKILL)
                 continue
             silent_for = now - self.scoreboard.slot(worker.slot).heartbeat
             if silent_for > timeout:
                 log.error("worker %d (pid %d) silent for %.1fs (worker_timeout %gs): sending "
                           "SIGABRT for a stack dump, then SIGKILL", worker.worker_id, worker.pid,
                           silent_for, timeout)
-                worker.abort_sent_at = now
-                _kill(worker.pid, signal.SIGABRT)
+                worker.move(WorkerPhase.ABORTING, now + ABORT_GRACE)
+                self.children.kill(worker.pid, signal.SIGABRT)
 
     def _enforce_retire_deadlines(self, now: float) -> None:
         for worker in list(self.workers.values()):
-            if worker.retiring and now >= worker.retire_deadline and not worker.abort_sent_at:
+            if worker.phase in (WorkerPhase.DRAINING, WorkerPhase.QUITTING) and \
+                    now >= worker.deadline:
                 log.warning("worker %d (pid %d) did not finish in time: killing it",
                             worker.worker_id, worker.pid)
-                worker.abort_sent_at = now  # SIGKILL follows; no second warning
-                _kill(worker.pid, signal.SIGKILL)
-        if self.stopping and now >= self.stop_deadline:
+                worker.move(WorkerPhase.KILLED, now + ABORT_GRACE)  # no second warning
+                self.children.kill(worker.pid, signal.SIGKILL)
+        if self.phase is MasterPhase.STOPPING and now >= self.stop_deadline:
             for worker in self.workers.values():
-                _kill(worker.pid, signal.SIGKILL)
+                self.children.kill(worker.pid, signal.SIGKILL)
 
     def _retire(self, worker: WorkerProcess, graceful: bool = True) -> None:
-        if worker.retiring:
+        """Send a worker away: drain (TERM) or quit fast (QUIT), within a deadline."""
+        to = WorkerPhase.DRAINING if graceful else WorkerPhase.QUITTING
+        if worker.phase is WorkerPhase.ABORTING:
+            worker.dismissed = True  # SIGKILL is coming anyway; its exit is now expected
             return
-        worker.retiring = True
+        if to not in WORKER_MOVES[worker.phase]:
+            return  # already on its way out at least as fast
         grace = self.config.graceful_timeout + 1.0 if graceful else FAST_STOP_GRACE
-        worker.retire_deadline = time.monotonic() + grace
-        _kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+        worker.move(to, time.monotonic() + grace)
+        self.children.kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     # -- reload, scaling, recycling ------------------------------------------------
     def reload(self) -> None:
-        if self.stopping:
+        if self.phase is MasterPhase.STOPPING:
             return
         log.info("reloading configuration")
         self.hooks.on_reloading(self)
@@ -409,21 +415,16 @@ class Master:
             log.info("no longer listening on %s", listener.bound)
             listener.close()
         self.listeners = change.listeners
-        if self._log_settings(new_config) != self._log_settings(self.config):
-            try:
-                logs.setup_logging(*self._log_settings(new_config))
-            except EchodError as exc:
-                log.error("reload: %s; logging stays as it was", exc)
+        self._reconfigure_logging(new_config)
         self.config = new_config
         self.desired = new_config.workers
         self.generation += 1
-        self.reload_pending = True
-        self.switch_reason = "reload"
+        self._move(MasterPhase.RELOADING)
         self._publish_master()
 
     def _finish_generation_switch(self) -> None:
         """Once every new worker serves, the older generations drain and leave."""
-        if not self.reload_pending:
+        if not self.phase.switching:
             return
         current = self._current()
         if len(current) < self.desired or any(
@@ -432,135 +433,93 @@ class Master:
         for worker in list(self.workers.values()):
             if worker.generation < self.generation:
                 self._retire(worker)
-        self.reload_pending = False
+        reloaded = self.phase is MasterPhase.RELOADING
+        self._move(MasterPhase.RUNNING)
         log.info("generation %d serving with %d worker(s); retiring the previous one",
                  self.generation, len(current))
-        if self.switch_reason == "reload":
+        if reloaded:
             self.scoreboard.count_event(MasterCounter.RELOADS_OK)
         self.hooks.on_ready(self)
 
     def scale(self, count: int) -> None:
-        if self.stopping:
+        if self.phase is MasterPhase.STOPPING:
             return
-        count = max(1, min(count, 512))
+        count = max(1, min(count, MAX_WORKERS))
         log.info("scaling from %d to %d worker(s)", self.desired, count)
         self.desired = count
         surplus = sorted(self._current(), key=lambda w: w.worker_id)[count:]
         for worker in surplus:
             self._retire(worker)
 
-    def _recycle_retiring_workers(self) -> None:
-        """A worker asked to be replaced (recycling): start its successor, then retire it."""
-        for worker in list(self.workers.values()):
-            if worker.retiring or worker.generation != self.generation:
-                continue
+    def _read_scoreboard(self) -> None:
+        """What the current workers said: ready, or asking to be replaced (recycling)."""
+        for worker in self._current():
             state = self.scoreboard.slot(worker.slot).state
-            if state == State.RETIRING and not worker.replacement_requested:
-                worker.replacement_requested = True
+            if worker.phase is WorkerPhase.BOOTING and state != State.BOOTING:
+                worker.move(WorkerPhase.SERVING)
+            if state == State.RETIRING and worker.phase in (WorkerPhase.BOOTING,
+                                                            WorkerPhase.SERVING):
+                worker.move(WorkerPhase.REPLACING)
                 log.info("recycling worker %d (pid %d)", worker.worker_id, worker.pid)
-        waiting = [w for w in self._current() if w.replacement_requested]
+
+    def _recycle_replaced_workers(self) -> None:
+        """Workers being replaced drain once enough others serve (their successors)."""
+        current = self._current()
+        waiting = [w for w in current if w.phase is WorkerPhase.REPLACING]
         if not waiting:
             return
-        serving = [w for w in self._current() if not w.replacement_requested
+        serving = [w for w in current if w.phase is not WorkerPhase.REPLACING
                    and self.scoreboard.slot(w.slot).state == State.READY]
         if len(serving) >= self.desired:
             for worker in waiting:
                 self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
                 self._retire(worker)
 
+    def _reconfigure_logging(self, new_config: Config) -> None:
+        if self._log_settings(new_config) != self._log_settings(self.config):
+            try:
+                logs.setup_logging(*self._log_settings(new_config))
+            except EchodError as exc:
+                log.error("reload: %s; logging stays as it was", exc)
+
     def _log_settings(self, config: Config) -> tuple[str, str, str, str]:
         level, log_file, log_format, access_log = logs.settings_of(config)
         return level, log_file or self.default_log_file, log_format, access_log
 
-    def _sample_memory(self, now: float) -> None:
-        """Recycle workers whose unique memory (USS) exceeds max_worker_memory."""
-        limit = self.config.max_worker_memory
-        if not limit or now < self.next_memory_sample:
-            return
-        self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL
-        for worker in self._current():
-            if worker.replacement_requested:
-                continue
-            try:
-                uss = psutil.Process(worker.pid).memory_full_info().uss
-            except psutil.Error:
-                continue
-            if uss > limit:
-                log.info("recycling worker %d (pid %d): memory %d bytes > max_worker_memory "
-                         "%d", worker.worker_id, worker.pid, uss, limit)
-                worker.replacement_requested = True
+    def _recycle_requested(self) -> None:
+        """Workers a helper found should be replaced (the metrics process: max_worker_memory)."""
+        for helper in self.helpers:
+            for pid, why in helper.recycle_requests():
+                worker = self.workers.get(pid)
+                if worker is None or worker.generation != self.generation or \
+                        worker.phase not in (WorkerPhase.BOOTING, WorkerPhase.SERVING):
+                    continue
+                log.info("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, why)
+                worker.move(WorkerPhase.REPLACING)
 
     # -- in-place upgrade --------------------------------------------------------------
-    def upgrade(self) -> None:
-        if self.stopping or self.preflight is not None:
-            log.warning("upgrade ignored: %s", "stopping" if self.stopping
-                        else "an upgrade is already under way")
-            return
-        log.info("upgrade requested: checking that the installed code and config load")
-        self.hooks.on_reloading(self)
-        try:
-            self.preflight = Preflight.start(time.monotonic())
-        except OSError as exc:
-            log.error("upgrade aborted: cannot run the pre-flight check: %s", exc.strerror)
-            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
-            self.hooks.on_ready(self)
-
-    def _watch_preflight(self, now: float) -> None:
-        assert self.preflight is not None
-        self.preflight.collect_output()
-        if now - self.preflight.started > PREFLIGHT_TIMEOUT:
-            log.error("upgrade pre-flight hangs after %.0fs: killing it", PREFLIGHT_TIMEOUT)
-            _kill(self.preflight.pid, signal.SIGKILL)
-
-    def _on_preflight_exit(self, status: int) -> None:
-        preflight, self.preflight = self.preflight, None
-        assert preflight is not None
-        preflight.finish(status)
-        if not preflight.succeeded or self.stopping:
-            log.error("upgrade aborted, everything keeps running as it was: the pre-flight "
-                      "check %s: %s", _describe_exit(status), preflight.summary)
-            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
-            if not self.stopping:
-                self.hooks.on_ready(self)
-            return
-        handoff = Handoff(
-            listener_fds={str(listener.address): listener.fileno()
-                          for listener in self.listeners},
-            pidfile_fd=self.pidfile.keep_across_exec(),
-            alive_read=self.alive_read,
-            alive_write=self.alive_write,
-            generation=self.generation,
-            desired=self.desired,
-            workers=[AdoptedWorker(w.pid, w.worker_id, w.generation, w.retiring)
+    def _handoff(self) -> Handoff:
+        return Handoff.of(
+            self.listeners, self.pidfile, self.alive_read, self.alive_write,
+            generation=self.generation, desired=self.desired,
+            workers=[AdoptedWorker(w.pid, w.worker_id, w.generation, w.dismissed)
                      for w in self.workers.values()],
-            activated=[str(lst.address) for lst in self.listeners if lst.activated],
-        )
-        for helper in self.helpers:
-            for listener in helper.listeners():
-                handoff.metrics_bind = str(listener.address)
-                handoff.metrics_fd = listener.fileno()
-        log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", self.pid)
-        logs.flush()
-        keep = [*handoff.listener_fds.values(), handoff.pidfile_fd, self.alive_read,
-                self.alive_write, *([handoff.metrics_fd] if handoff.metrics_bind else [])]
+            helpers={helper.name: helper.handoff_fds() for helper in self.helpers})
+
+    def _before_exec(self) -> None:
         for helper in self.helpers:
             helper.before_exec()
-        try:
-            exec_new_image(handoff, keep, MASTER_SIGNALS)
-        except OSError as exc:
-            log.error("upgrade aborted: exec failed: %s", exc.strerror)
-            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
-            self.hooks.on_ready(self)
 
     # -- stopping ------------------------------------------------------------------
     def stop(self, graceful: bool) -> None:
-        if self.stopping and graceful:
+        stopping = self.phase is MasterPhase.STOPPING
+        if stopping and graceful:
             return
         kind = "graceful" if graceful else "fast"
         log.info("%s stop: closing listeners, %d worker(s) to finish", kind, len(self.workers))
-        if not self.stopping:
+        if not stopping:
             self.hooks.on_stopping(self)
-        self.stopping = True
+            self._move(MasterPhase.STOPPING)
         for listener in self.listeners:
             listener.close()
         self.listeners = []
@@ -568,8 +527,7 @@ class Master:
         deadline = time.monotonic() + grace
         self.stop_deadline = min(self.stop_deadline, deadline) if self.stop_deadline else deadline
         for worker in self.workers.values():
-            worker.retiring = False  # re-signal: a fast stop overrides a graceful one
-            self._retire(worker, graceful)
+            self._retire(worker, graceful)  # a fast stop overrides a graceful one
 
     def _cleanup(self) -> None:
         for helper in self.helpers:
@@ -601,26 +559,8 @@ class Master:
 
     def _signal_workers(self, signum: signal.Signals) -> None:
         for worker in self.workers.values():
-            _kill(worker.pid, signum)
+            self.children.kill(worker.pid, signum)
 
     def serving_workers(self) -> int:
         return sum(1 for w in self.workers.values()
                    if self.scoreboard.slot(w.slot).state in (State.READY, State.RETIRING))
-
-
-def _kill(pid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = str(signum)
-        return f"was killed by {name}"
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
-    return "exited" if code == 0 else f"exited with code {code}"
-

@@ -4,9 +4,10 @@
     -> scoreboard -> drop privileges -> master
 
 Everything that can fail because of the user's input fails before detaching,
-so the launching command prints it and exits with its code. After an in-place
-upgrade the same function runs in the re-executed image and takes the pidfile,
-sockets and scoreboard over instead of creating them.
+so the launching command prints it and exits with its code. ``fresh_start``
+opens the resources; in the image an in-place upgrade re-executed,
+``take_over`` adopts the pidfile, sockets and scoreboard instead. Both return
+one ``Resources``, and the rest of ``serve`` is the same for both.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from echod import installed_version, logs
-from echod.addresses import parse_address
 from echod.config import Config
 from echod.errors import EchodError
-from echod.metrics.service import MetricsService
 from echod.pidfile import PidFile
 from echod.scoreboard import Scoreboard, State, scoreboard_path
 from echod.server.listeners import Listener, adopt_sockets, open_listeners, take_activated_sockets
 from echod.server.master import Hooks, Master
+from echod.server.metrics_child import MetricsService
 from echod.server.upgrade import Handoff, take_handoff
 from echod.system.daemonize import ReadinessReporter, launch_daemon
 from echod.system.privileges import chown_for, drop_privileges, resolve_identity
 from echod.system.systemd import Notifier, scrub_child_environ
+
+if TYPE_CHECKING:
+    from echod.cli import ConfigSource
 
 log = logging.getLogger("echod")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
@@ -40,115 +45,154 @@ def default_daemon_log(config: Config) -> str:
     return os.path.join(config.runtime_dir, "echod.log")
 
 
-def serve(config: Config, source: object, *, foreground: bool, code_started: float) -> int:
+@dataclass
+class Resources:
+    """What start-up hands the master: opened fresh, or taken over after an upgrade."""
+
+    listeners: list[Listener]
+    pidfile: PidFile
+    metrics: MetricsService
+    handoff: Handoff | None = None  # set on a take-over
+    scoreboard: Scoreboard | None = None  # a take-over attaches now; a fresh start after detaching
+
+    def sockets(self) -> list[Listener]:
+        return [*self.listeners, *self.metrics.sockets()]
+
+
+def serve(config: Config, source: ConfigSource, *, foreground: bool,
+          code_started: float) -> int:
     """Run echod until it stops; return the exit code."""
     handoff = take_handoff()
-    daemon_mode = not foreground and handoff is None
     log_file = config.log_file or ("" if foreground else default_daemon_log(config))
     os.umask(config.umask)
     _setup_logging(config, log_file)
-    if handoff is not None:
-        if not foreground:
-            os.chdir("/")  # a daemon again, like the image it replaced
-        pidfile = PidFile.adopt(config.pidfile_path, handoff.pidfile_fd)
-        listeners = _take_over_listeners(config, handoff)
-        metrics = _take_over_metrics(handoff)
-        scoreboard = Scoreboard.attach(scoreboard_path(str(pidfile.path)))
+    if handoff is None:
+        resources = fresh_start(config)
     else:
-        if config.user or config.group:
-            resolve_identity(config.user or None, config.group or None)  # typos fail now
-        _make_runtime_dir(config.runtime_dir)
-        pidfile = PidFile(config.pidfile_path)
-        pidfile.acquire()  # a second instance fails here, before binding anything
-        try:
-            listeners = _open_all_listeners(config)
-            metrics = MetricsService.open(config.metrics_bind)  # a port in use: exit 69 here
-        except BaseException:
-            pidfile.release()
-            raise
+        resources = take_over(config, handoff, foreground=foreground)
     reporter: ReadinessReporter | None = None
-    if daemon_mode:
-        keep = [listener.fileno() for listener in [*listeners, *metrics.listeners()]]
-        reporter = launch_daemon(files_preserve=[*keep, pidfile.keep_across_exec(),
-                                                 *logs.log_file_descriptors()],
-                                 umask=config.umask)
-        os.set_inheritable(pidfile.keep_across_exec(), False)
-        pidfile.write(os.getpid())
+    if not foreground and handoff is None:
+        reporter = _detach(config, resources)
     try:
-        if handoff is None:
-            scoreboard = Scoreboard.create(scoreboard_path(str(pidfile.path)))
-            _drop_privileges(config, log_file, scoreboard)
-        code = _run_master(config, source, listeners, scoreboard, pidfile, reporter,
-                           handoff, code_started, metrics, log_file)
+        if resources.scoreboard is None:
+            resources.scoreboard = Scoreboard.create(scoreboard_path(str(resources.pidfile.path)))
+            _drop_privileges(config, log_file, resources.scoreboard)
+        code = _run_master(config, source, resources, reporter, code_started, log_file)
     except EchodError as exc:
         if reporter is not None:
             reporter.failed(exc.exit_code, f"echod: {exc}")
         raise
     finally:
-        pidfile.release()
+        resources.pidfile.release()
     if reporter is not None:
         reporter.failed(code, f"echod: stopped before serving (exit {code}); see {log_file}")
     return code
 
 
-def _run_master(config: Config, source: object, listeners: list[Listener],
-                scoreboard: Scoreboard, pidfile: PidFile, reporter: ReadinessReporter | None,
-                handoff: Handoff | None, code_started: float, metrics: MetricsService,
-                log_file: str) -> int:
-    notifier = Notifier.from_environ()
+def fresh_start(config: Config) -> Resources:
+    """Check the identity, lock the pidfile, then bind: each failure exits with its code."""
+    if config.user or config.group:
+        resolve_identity(config.user or None, config.group or None)  # typos fail now
+    _make_runtime_dir(config.runtime_dir)
+    pidfile = PidFile(config.pidfile_path)
+    pidfile.acquire()  # a second instance fails here, before binding anything
+    try:
+        listeners = _open_all_listeners(config)
+        metrics = MetricsService.open(config.metrics_bind)  # a port in use: exit 69 here
+    except BaseException:
+        pidfile.release()
+        raise
+    return Resources(listeners, pidfile, metrics)
 
-    def in_worker() -> None:
+
+def take_over(config: Config, handoff: Handoff, *, foreground: bool) -> Resources:
+    """In the image an in-place upgrade started: everything the previous one held."""
+    if not foreground:
+        os.chdir("/")  # a daemon again, like the image it replaced
+    pidfile = PidFile.adopt(config.pidfile_path, handoff.pidfile_fd)
+    listeners = _take_over_listeners(config, handoff)
+    metrics = MetricsService.adopt(handoff.helpers.get(MetricsService.name, {}))
+    scoreboard = Scoreboard.attach(scoreboard_path(str(pidfile.path)))
+    return Resources(listeners, pidfile, metrics, handoff, scoreboard)
+
+
+def _detach(config: Config, resources: Resources) -> ReadinessReporter:
+    """Become a daemon, keeping our sockets, the pidfile lock and the log files."""
+    pidfile = resources.pidfile
+    keep = [listener.fileno() for listener in resources.sockets()]
+    reporter = launch_daemon(files_preserve=[*keep, pidfile.keep_across_exec(),
+                                             *logs.log_file_descriptors()],
+                             umask=config.umask)
+    os.set_inheritable(pidfile.keep_across_exec(), False)
+    pidfile.write(os.getpid())
+    return reporter
+
+
+def _run_master(config: Config, source: ConfigSource, resources: Resources,
+                reporter: ReadinessReporter | None, code_started: float, log_file: str) -> int:
+    assert resources.scoreboard is not None
+    pidfile = resources.pidfile
+
+    def in_child() -> None:
         pidfile.close_in_child()
         if reporter is not None:
             reporter.close()
-        scrub_child_environ(os.environ)  # workers never talk to systemd
+        scrub_child_environ(os.environ)  # children never talk to systemd
 
     master = Master(
         config=config,
-        listeners=listeners,
-        scoreboard=scoreboard,
-        load_config=source.load,  # type: ignore[attr-defined]
+        listeners=resources.listeners,
+        scoreboard=resources.scoreboard,
+        load_config=source.load,
         pidfile=pidfile,
-        hooks=_systemd_hooks(notifier, reporter),
-        close_in_worker=in_worker,
+        hooks=SystemdHooks(Notifier.from_environ(), reporter).hooks(),
+        close_in_child=in_child,
         version=installed_version(),
         code_started=code_started,
-        handoff=handoff,
-        helpers=[metrics],
+        handoff=resources.handoff,
+        helpers=[resources.metrics],
         default_log_file=log_file if not config.log_file else "",
     )
     return master.run()
 
 
-def _systemd_hooks(notifier: Notifier, reporter: ReadinessReporter | None) -> Hooks:
-    watchdog_interval = notifier.watchdog_interval()
-    state = {"next_watchdog": 0.0, "next_status": 0.0, "status": ""}
+@dataclass
+class SystemdHooks:
+    """Tells systemd (and a waiting daemon launcher) what the master is doing."""
 
-    def on_ready(master: Master) -> None:
-        notifier.ready(_status_line(master))
-        if reporter is not None:
-            reporter.ready()
+    notifier: Notifier
+    reporter: ReadinessReporter | None
+    next_watchdog: float = 0.0
+    next_status: float = 0.0
+    status: str = ""  # the last STATUS= sent, so an unchanged line is not sent again
 
-    def on_tick(master: Master) -> None:
+    def __post_init__(self) -> None:
+        self.watchdog_interval = self.notifier.watchdog_interval()
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_ready=self.on_ready,
+                     on_reloading=lambda master: self.notifier.reloading(),
+                     on_stopping=lambda master: self.notifier.stopping(),
+                     on_tick=self.on_tick)
+
+    def on_ready(self, master: Master) -> None:
+        self.notifier.ready(_status_line(master))
+        if self.reporter is not None:
+            self.reporter.ready()
+
+    def on_tick(self, master: Master) -> None:
         now = time.monotonic()
         serving = master.serving_workers()
         # The watchdog only hears from a master whose loop runs and that serves.
-        if watchdog_interval and serving and now >= state["next_watchdog"]:
-            notifier.watchdog()
-            state["next_watchdog"] = now + watchdog_interval
-        if notifier.enabled and now >= state["next_status"]:
+        if self.watchdog_interval and serving and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.watchdog_interval
+        if self.notifier.enabled and now >= self.next_status:
             status = _status_line(master)
-            if status != state["status"]:
-                notifier.status(status)
-                state["status"] = status
-            state["next_status"] = now + STATUS_INTERVAL
-
-    return Hooks(
-        on_ready=on_ready,
-        on_reloading=lambda master: notifier.reloading(),
-        on_stopping=lambda master: notifier.stopping(),
-        on_tick=on_tick,
-    )
+            if status != self.status:
+                self.notifier.status(status)
+                self.status = status
+            self.next_status = now + STATUS_INTERVAL
 
 
 def _status_line(master: Master) -> str:
@@ -174,14 +218,6 @@ def _open_all_listeners(config: Config) -> list[Listener]:
         if listener.address in activated:
             listener.activated = True
     return listeners + extra
-
-
-def _take_over_metrics(handoff: Handoff) -> MetricsService:
-    if not handoff.metrics_bind:
-        return MetricsService()
-    (sock,) = adopt_sockets({handoff.metrics_bind: handoff.metrics_fd}).values()
-    return MetricsService(bind=handoff.metrics_bind,
-                          listener=Listener(parse_address(handoff.metrics_bind), sock))
 
 
 def _take_over_listeners(config: Config, handoff: Handoff) -> list[Listener]:

@@ -14,13 +14,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from echod import logs
+from echod.pidfile import PidFile
+from echod.scoreboard import MasterCounter, Scoreboard
+from echod.server.children import MASTER_SIGNALS, describe_exit
+from echod.server.listeners import Listener
 from echod.system.systemd import SYSTEMD_CHILD_VARIABLES
+
+log = logging.getLogger("echod.master")
 
 HANDOFF_ENV = "_ECHOD_UPGRADE"  # not ECHOD_*: that prefix is for config keys
 # Where echod was started: relative paths in its arguments are relative to it. A
@@ -39,7 +49,7 @@ class AdoptedWorker:
     pid: int
     worker_id: int
     generation: int
-    retiring: bool = False
+    dismissed: bool = False  # was told to drain: the new image keeps it draining
 
 
 @dataclass
@@ -52,16 +62,45 @@ class Handoff:
     desired: int
     workers: list[AdoptedWorker] = field(default_factory=list)
     activated: list[str] = field(default_factory=list)  # systemd's sockets, by address
-    metrics_bind: str = ""  # the metrics endpoint's socket, if one is open
-    metrics_fd: int = -1
+    helpers: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> address -> fd
+
+    @classmethod
+    def of(cls, listeners: list[Listener], pidfile: PidFile, alive_read: int, alive_write: int,
+           *, generation: int, desired: int, workers: list[AdoptedWorker],
+           helpers: dict[str, dict[str, int]]) -> Handoff:
+        return cls(
+            listener_fds={str(listener.address): listener.fileno() for listener in listeners},
+            pidfile_fd=pidfile.keep_across_exec(),
+            alive_read=alive_read,
+            alive_write=alive_write,
+            generation=generation,
+            desired=desired,
+            workers=workers,
+            activated=[str(listener.address) for listener in listeners if listener.activated],
+            helpers={name: fds for name, fds in helpers.items() if fds},
+        )
+
+    def fds(self) -> list[int]:
+        """Every descriptor the new image needs."""
+        return [*self.listener_fds.values(), self.pidfile_fd, self.alive_read, self.alive_write,
+                *(fd for fds in self.helpers.values() for fd in fds.values())]
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def decode(cls, text: str) -> Handoff:
-        data = json.loads(text)
-        data["workers"] = [AdoptedWorker(**w) for w in data["workers"]]
+        data: dict[str, Any] = json.loads(text)
+        # An image from before helpers handed over their own sockets named these.
+        bind, fd = data.pop("metrics_bind", ""), data.pop("metrics_fd", -1)
+        if bind:
+            data.setdefault("helpers", {})["metrics"] = {bind: fd}
+        workers = []
+        for worker in data["workers"]:
+            if "retiring" in worker:
+                worker["dismissed"] = worker.pop("retiring")
+            workers.append(AdoptedWorker(**worker))
+        data["workers"] = workers
         return cls(**data)
 
 
@@ -129,6 +168,77 @@ class Preflight:
     def summary(self) -> str:
         text = self.output.decode(errors="replace").strip().replace("\n", " | ")
         return text or "no output"
+
+
+@dataclass
+class Upgrade:
+    """The USR2 sequence as the master's loop drives it: request, watch, then hand off.
+
+    ``request`` starts the pre-flight; the loop calls ``watch`` every tick and
+    ``preflight_exited`` when it reaps the pre-flight child. On success this
+    process becomes the new image (``execv``, same pid); on any failure,
+    everything keeps running as it was.
+    """
+
+    scoreboard: Scoreboard
+    on_reloading: Callable[[], None]
+    on_ready: Callable[[], None]
+    preflight: Preflight | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.preflight is not None
+
+    def owns(self, pid: int) -> bool:
+        return self.preflight is not None and pid == self.preflight.pid
+
+    def request(self, *, stopping: bool) -> None:
+        if stopping or self.preflight is not None:
+            log.warning("upgrade ignored: %s", "stopping" if stopping
+                        else "an upgrade is already under way")
+            return
+        log.info("upgrade requested: checking that the installed code and config load")
+        self.on_reloading()
+        try:
+            self.preflight = Preflight.start(time.monotonic())
+        except OSError as exc:
+            log.error("upgrade aborted: cannot run the pre-flight check: %s", exc.strerror)
+            self._failed()
+
+    def watch(self, now: float, kill: Callable[[int, signal.Signals], None]) -> None:
+        if self.preflight is None:
+            return
+        self.preflight.collect_output()
+        if now - self.preflight.started > PREFLIGHT_TIMEOUT:
+            log.error("upgrade pre-flight hangs after %.0fs: killing it", PREFLIGHT_TIMEOUT)
+            kill(self.preflight.pid, signal.SIGKILL)
+
+    def preflight_exited(self, status: int, *, stopping: bool, handoff: Callable[[], Handoff],
+                         before_exec: Callable[[], None]) -> None:
+        """The pre-flight ended: exec the new image if it passed and we still serve."""
+        preflight, self.preflight = self.preflight, None
+        assert preflight is not None
+        preflight.finish(status)
+        if not preflight.succeeded or stopping:
+            log.error("upgrade aborted, everything keeps running as it was: the pre-flight "
+                      "check %s: %s", describe_exit(status), preflight.summary)
+            self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+            if not stopping:
+                self.on_ready()
+            return
+        state = handoff()
+        log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", os.getpid())
+        logs.flush()
+        before_exec()
+        try:
+            exec_new_image(state, state.fds(), MASTER_SIGNALS)
+        except OSError as exc:
+            log.error("upgrade aborted: exec failed: %s", exc.strerror)
+            self._failed()
+
+    def _failed(self) -> None:
+        self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
+        self.on_ready()
 
 
 def exec_new_image(handoff: Handoff, keep_fds: Iterable[int],

@@ -1,0 +1,107 @@
+"""What sits around the master: the metrics supervisor's decisions and the systemd hooks."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.master import FakeChildren, started
+
+from echod.config import Config
+from echod.pidfile import PidFile
+from echod.scoreboard import Scoreboard
+from echod.server.children import Inheritance
+from echod.server.master import Master
+from echod.server.metrics_child import MetricsService
+from echod.server.startup import SystemdHooks
+from echod.system.systemd import Notifier
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Iterator[Scoreboard]:
+    scoreboard = Scoreboard.create(str(tmp_path / "echod.scoreboard"))
+    yield scoreboard
+    scoreboard.unlink()
+
+
+@pytest.fixture
+def service(board: Scoreboard) -> Iterator[MetricsService]:
+    children = FakeChildren(inherited=Inheritance(
+        None, -1, -1, 1, lambda: None, list))  # type: ignore[arg-type]
+    metrics = MetricsService()
+    metrics.attach(children, board)
+    yield metrics
+    metrics._close_reports()
+
+
+def test_memory_watching_alone_starts_the_metrics_process(service: MetricsService) -> None:
+    config = Config(max_worker_memory=1 << 20)
+    service.supervise(replace(config, max_worker_memory=0), stopping=False, now=0.0)
+    assert service.pid == 0  # neither metrics_bind nor max_worker_memory: no process
+    service.supervise(config, stopping=False, now=0.0)
+    assert service.pid and service.report_fd >= 0
+    assert service.private_fds() == [service.report_fd]  # workers must close it
+
+
+def test_a_new_memory_limit_restarts_the_process_without_back_off(
+        service: MetricsService) -> None:
+    children = service.children
+    assert isinstance(children, FakeChildren)
+    service.supervise(Config(max_worker_memory=1000), stopping=False, now=0.0)
+    first = service.pid
+    service.supervise(Config(max_worker_memory=2000), stopping=False, now=0.1)
+    assert children.sent(signal.SIGTERM) == [first]
+    assert service.child_exited(first, signal.SIGTERM)
+    assert service.report_fd == -1  # the old reports go with the old limit
+    service.supervise(Config(max_worker_memory=2000), stopping=False, now=0.2)
+    assert service.pid not in (0, first) and service.backoff.failures == 0
+
+
+def test_a_metrics_process_dying_young_is_restarted_later(service: MetricsService) -> None:
+    config = Config(max_worker_memory=1000)
+    service.supervise(config, stopping=False, now=0.0)
+    assert service.child_exited(service.pid, 1 << 8)  # at once: young
+    assert not service.child_exited(4242, 0)  # not ours
+    now = time.monotonic()
+    service.supervise(config, stopping=False, now=now)
+    assert service.pid == 0 and service.backoff.failures == 1
+    service.supervise(config, stopping=False, now=now + 1)
+    assert service.pid
+    service.child_exited(service.pid, 0)
+    service.supervise(config, stopping=True, now=now + 60)
+    assert service.pid == 0  # never started while the master stops
+
+
+SENT: list[dict[str, Any]] = []
+
+
+class RecordingNotifier(Notifier):
+    """sd_notify messages, recorded instead of sent (Notifier is frozen: a module list)."""
+
+    def notify(self, **fields: Any) -> bool:
+        SENT.append(fields)
+        return True
+
+
+def test_systemd_hears_the_watchdog_only_while_workers_serve(tmp_path: Path,
+                                                            board: Scoreboard) -> None:
+    notifier = RecordingNotifier(address="@echod-test", watchdog_usec=60_000_000)
+    SENT.clear()
+    systemd = SystemdHooks(notifier, reporter=None)
+    config = Config(workers=1, runtime_dir=str(tmp_path))
+    master = Master(config=config, listeners=[], scoreboard=board, load_config=lambda: config,
+                    pidfile=PidFile(tmp_path / "echod.pid"), hooks=systemd.hooks(),
+                    children=FakeChildren())
+    master._supervise(0.0)  # booting: a first STATUS, no watchdog
+    assert SENT == [{"STATUS": "0 worker(s) serving, 0 connection(s), generation 1"}]
+    started(master)
+    kinds = [key for message in SENT for key in message]
+    assert kinds.count("READY") == 1 and kinds.count("WATCHDOG") == 1
+    SENT.clear()
+    master._supervise(0.0)  # within the interval, and the status line unchanged: quiet
+    assert SENT == []
