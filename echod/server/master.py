@@ -28,6 +28,7 @@ from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
+from echod.server import access
 from echod.server.children import (
     MASTER_SIGNALS,
     Children,
@@ -273,7 +274,8 @@ class Master:
         pid = self.children.fork(
             self.listeners,
             lambda: start_worker(self.config, self.listeners, WorkerSlot(self.scoreboard, slot),
-                                 identity, self.alive_read, self.limits),
+                                 identity, self.alive_read, self.limits,
+                                 on_close=access.close_hook(self.config)),
             failed=f"worker {worker_id} failed to start",
             failure_code=exitcodes.WORKER_BOOT_FATAL)
         self.scoreboard.set_pid(slot, pid)

@@ -640,8 +640,6 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    if on_close is None:
-        on_close = _access_log_hook(config)
     # decided once: without a hook, the plain Worker runs and its close path pays nothing
     if on_close is None:
         worker = Worker(config, listeners, slot, identity, master_alive_fd, limits)
@@ -650,15 +648,3 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
                                   on_close)
     worker.run()
 
-
-def _access_log_hook(config: Config) -> CloseHook | None:
-    """The access log's hook, for as long as the master does not pass it itself.
-
-    Imported only when the access log is on. One way only: the access log knows
-    nothing of the worker, so this is no cycle.
-    """
-    if not config.access_log:
-        return None
-    from echod.server.access import close_hook
-
-    return close_hook(config)
