@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exitcodes.OK
         from echod.server.startup import serve  # the heavy part, only when serving
 
-        return serve(config, source, foreground=args.foreground, code_started=CODE_STARTED)
+        return serve(config, source.load, foreground=args.foreground, code_started=CODE_STARTED)
     except EchodError as exc:
         _fail(exc)
         return exc.exit_code

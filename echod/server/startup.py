@@ -16,8 +16,8 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from echod import installed_version, logs
 from echod.config import Config
@@ -31,9 +31,6 @@ from echod.server.upgrade import Handoff, take_handoff
 from echod.system.daemonize import ReadinessReporter, launch_daemon
 from echod.system.privileges import chown_for, drop_privileges, resolve_identity
 from echod.system.systemd import Notifier, scrub_child_environ
-
-if TYPE_CHECKING:
-    from echod.cli import ConfigSource
 
 log = logging.getLogger("echod")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
@@ -59,7 +56,7 @@ class Resources:
         return [*self.listeners, *self.metrics.sockets()]
 
 
-def serve(config: Config, source: ConfigSource, *, foreground: bool,
+def serve(config: Config, load_config: Callable[[], Config], *, foreground: bool,
           code_started: float) -> int:
     """Run echod until it stops; return the exit code."""
     handoff = take_handoff()
@@ -77,7 +74,7 @@ def serve(config: Config, source: ConfigSource, *, foreground: bool,
         if resources.scoreboard is None:
             resources.scoreboard = Scoreboard.create(scoreboard_path(str(resources.pidfile.path)))
             _drop_privileges(config, log_file, resources.scoreboard)
-        code = _run_master(config, source, resources, reporter, code_started, log_file)
+        code = _run_master(config, load_config, resources, reporter, code_started, log_file)
     except EchodError as exc:
         if reporter is not None:
             reporter.failed(exc.exit_code, f"echod: {exc}")
@@ -128,7 +125,7 @@ def _detach(config: Config, resources: Resources) -> ReadinessReporter:
     return reporter
 
 
-def _run_master(config: Config, source: ConfigSource, resources: Resources,
+def _run_master(config: Config, load_config: Callable[[], Config], resources: Resources,
                 reporter: ReadinessReporter | None, code_started: float, log_file: str) -> int:
     assert resources.scoreboard is not None
     pidfile = resources.pidfile
@@ -143,7 +140,7 @@ def _run_master(config: Config, source: ConfigSource, resources: Resources,
         config=config,
         listeners=resources.listeners,
         scoreboard=resources.scoreboard,
-        load_config=source.load,
+        load_config=load_config,
         pidfile=pidfile,
         hooks=SystemdHooks(Notifier.from_environ(), reporter).hooks(),
         close_in_child=in_child,
