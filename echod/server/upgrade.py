@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from echod import logs
@@ -99,9 +99,20 @@ class Handoff:
         for worker in data["workers"]:
             if "retiring" in worker:
                 worker["dismissed"] = worker.pop("retiring")
-            workers.append(AdoptedWorker(**worker))
+            workers.append(AdoptedWorker(**_known(AdoptedWorker, worker)))
         data["workers"] = workers
-        return cls(**data)
+        return cls(**_known(cls, data))
+
+
+def _known(kind: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields this image knows. A newer image may hand over more (a USR2 back
+    to this version, say): starting without them beats not starting at all."""
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        log.warning("upgrade hand-off: ignoring what this version does not know: %s",
+                    ", ".join(unknown))
+    return {key: value for key, value in data.items() if key in names}
 
 
 def take_handoff() -> Handoff | None:

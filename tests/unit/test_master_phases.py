@@ -490,3 +490,15 @@ def test_memory_reports_travel_from_the_metrics_process_as_lines(board) -> None:
     finally:
         os.close(write_fd)
         os.close(read_fd)
+
+
+def test_a_handoff_from_a_newer_format_decodes_what_it_knows(caplog) -> None:
+    newer = ('{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
+             '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
+             '"worker_id": 1, "generation": 2, "started": 1.5}], "activated": [], '
+             '"helpers": {}, "proxy_fds": {}}')
+    handoff = Handoff.decode(newer)
+    assert handoff.workers == [AdoptedWorker(9, 1, 2)]
+    assert handoff.listener_fds == {"127.0.0.1:7007": 5}
+    warnings = [r.getMessage() for r in caplog.records if "hand-off" in r.getMessage()]
+    assert any("proxy_fds" in w for w in warnings) and any("started" in w for w in warnings)
