@@ -1,0 +1,1 @@
+"""How echod meets the operating system: systemd, daemonizing, dropping privileges."""
