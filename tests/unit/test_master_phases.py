@@ -150,7 +150,7 @@ def test_a_crash_is_replaced_at_once_after_a_long_life(make_master, board) -> No
     (worker,) = started(master)
     worker.started -= 60  # lived a minute
     exit_(master, worker, CRASHED)
-    assert board.master().event(MasterCounter.RESTARTS_CRASHED) == 1
+    assert board.master().events[MasterCounter.RESTARTS_CRASHED] == 1
     master._supervise(time.monotonic())
     (successor,) = master.workers.values()
     assert successor.worker_id == 1 and successor.pid != worker.pid
@@ -196,7 +196,7 @@ def test_a_silent_worker_gets_sigabrt_then_sigkill(make_master, board) -> None:
     master._supervise(now + ABORT_GRACE)
     assert fake(master).sent(signal.SIGKILL) == [worker.pid]
     exit_(master, worker, signal.SIGKILL)
-    assert board.master().event(MasterCounter.RESTARTS_TIMEOUT) == 1
+    assert board.master().events[MasterCounter.RESTARTS_TIMEOUT] == 1
     assert master.backoff == {}  # killed by us: no back-off, even if young
 
 
@@ -215,7 +215,7 @@ def test_a_draining_worker_that_overstays_is_killed_once_warned(make_master, cap
     assert fake(master).sent(signal.SIGKILL) == [second.pid] * 2
     assert caplog.text.count("did not finish in time") == 1
     exit_(master, second, signal.SIGKILL)
-    assert master.scoreboard.master().event(MasterCounter.RESTARTS_CRASHED) == 0
+    assert master.scoreboard.master().events[MasterCounter.RESTARTS_CRASHED] == 0
 
 
 # -- scaling and recycling -------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_a_worker_asking_for_replacement_serves_until_its_successor_does(make_ma
     master._supervise(time.monotonic())
     assert old.phase is WorkerPhase.DRAINING
     assert fake(master).sent(signal.SIGTERM) == [old.pid]
-    assert board.master().event(MasterCounter.RESTARTS_RECYCLED) == 1
+    assert board.master().events[MasterCounter.RESTARTS_RECYCLED] == 1
 
 
 # -- generation switches -------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_hup_starts_a_generation_and_retires_the_old_once_it_serves(make_master,
     master._supervise(time.monotonic())
     assert master.phase is MasterPhase.RUNNING
     assert all(w.phase is WorkerPhase.DRAINING for w in old)
-    assert board.master().event(MasterCounter.RELOADS_OK) == 1
+    assert board.master().events[MasterCounter.RELOADS_OK] == 1
     assert heard.reloading == 1 and heard.ready == 2
 
 
@@ -307,8 +307,8 @@ def test_adopted_workers_retire_once_the_new_generation_serves(make_master, boar
     master._supervise(time.monotonic())
     assert master.workers[501].phase is WorkerPhase.DRAINING
     assert master.phase is MasterPhase.RUNNING
-    assert board.master().event(MasterCounter.UPGRADES_OK) == 1
-    assert board.master().event(MasterCounter.RELOADS_OK) == 0  # an upgrade, not a reload
+    assert board.master().events[MasterCounter.UPGRADES_OK] == 1
+    assert board.master().events[MasterCounter.RELOADS_OK] == 0  # an upgrade, not a reload
 
 
 # -- stopping ----------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_a_fast_stop_overrides_a_graceful_one(make_master, heard) -> None:
     exit_(master, workers[0], 0)
     exit_(master, workers[1], CRASHED)  # expected: we asked it to go
     assert master.workers == {}
-    assert master.scoreboard.master().event(MasterCounter.RESTARTS_CRASHED) == 0
+    assert master.scoreboard.master().events[MasterCounter.RESTARTS_CRASHED] == 0
 
 
 def test_hup_ttin_and_usr2_are_ignored_while_stopping(make_master, heard) -> None:
