@@ -5,9 +5,8 @@ and a scraper may be slow or hostile; none of that may delay the master's
 supervision or put it at risk. The master owns the socket and supervises this
 process (``echod.server.metrics_child``); the child serves the socket and reads
 the scoreboard mapping it inherited. It never outlives the master (master-alive
-pipe, PR_SET_PDEATHSIG as a backstop). With ``max_worker_memory`` set it also
-samples the workers' memory for the master (``MemoryWatch``), and then runs even
-when ``metrics_bind`` is off.
+pipe, PR_SET_PDEATHSIG as a backstop). It runs only while ``metrics_bind`` is
+set (``max_worker_memory`` is each worker's own check: ``echod.server.worker``).
 
 HTTP is the minimum a scraper needs: ``GET``/``HEAD /metrics`` on HTTP/1.0 or
 1.1, one request per connection (``Connection: close``), requests of at most
@@ -26,8 +25,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import psutil
-
 from echod import logs, procname
 from echod.metrics import render
 from echod.scoreboard import Scoreboard
@@ -39,59 +36,23 @@ MAX_CLIENTS = 32  # more wait in the kernel's backlog
 MAX_REQUEST = 8192  # bytes of request line + headers
 CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
 LINGER = 1.0  # seconds to wait for the client's FIN after our answer (no RST on close)
-MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between USS samples for max_worker_memory
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
                    signal.SIGTTOU)
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 
-def run_metrics_process(sock: socket.socket | None, bound: str, board: Scoreboard,
+def run_metrics_process(sock: socket.socket, bound: str, board: Scoreboard,
                         master_alive_fd: int, master_pid: int,
-                        blocked_signals: Iterable[signal.Signals],
-                        memory: MemoryWatch | None = None) -> None:
+                        blocked_signals: Iterable[signal.Signals]) -> None:
     """In the freshly forked metrics child (already cleaned up by the master's side)."""
     for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked_signals)  # blocked across fork()
     logs.set_role("metrics")
-    procname.set_title(f"metrics (http://{bound}/metrics)" if sock is not None
-                       else "metrics (max_worker_memory)")
+    procname.set_title(f"metrics (http://{bound}/metrics)")
     procname.die_with_parent()
-    MetricsServer(sock, board, master_alive_fd, master_pid, memory).run()
-
-
-@dataclass
-class MemoryWatch:
-    """``max_worker_memory``: each worker's unique memory (USS), sampled here.
-
-    psutil reads /proc/PID/smaps for every worker, which is too slow for the
-    master's loop; this process reports the workers over the limit as lines of
-    ``PID USS`` on a pipe, and the master decides whom to recycle.
-    """
-
-    limit: int
-    report_fd: int  # non-blocking: a master that does not read loses reports, never us
-    next_sample: float = 0.0
-
-    def due_in(self, now: float) -> float:
-        return max(0.0, self.next_sample - now)
-
-    def sample(self, board: Scoreboard, now: float) -> None:
-        if now < self.next_sample:
-            return
-        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
-        lines = []
-        for slot in board.slots():
-            try:
-                uss = psutil.Process(slot.pid).memory_full_info().uss
-            except psutil.Error:
-                continue
-            if uss > self.limit:
-                lines.append(f"{slot.pid} {uss}\n")
-        if lines:
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(self.report_fd, "".join(lines).encode())
+    MetricsServer(sock, board, master_alive_fd, master_pid).run()
 
 
 # -- the metrics process ------------------------------------------------------------------
@@ -106,10 +67,9 @@ class HttpClient:
 
 
 class MetricsServer:
-    def __init__(self, sock: socket.socket | None, board: Scoreboard, master_alive_fd: int,
-                 master_pid: int, memory: MemoryWatch | None = None) -> None:
-        self.sock = sock  # None: only watching memory (metrics_bind is off)
-        self.memory = memory
+    def __init__(self, sock: socket.socket, board: Scoreboard, master_alive_fd: int,
+                 master_pid: int) -> None:
+        self.sock = sock
         self.board = board
         self.master_alive_fd = master_alive_fd
         self.master_pid = master_pid
@@ -123,16 +83,11 @@ class MetricsServer:
         if os.getppid() != self.master_pid:
             return  # the master died while we started
         self.epoll.register(self.master_alive_fd, select.EPOLLIN)
-        if self.sock is not None:
-            self._accepting(True)
-        listening = self.sock.fileno() if self.sock is not None else -1
-        if self.memory is not None:  # like the master's own sampling was: first after a pause
-            self.memory.next_sample = time.monotonic() + MEMORY_SAMPLE_INTERVAL
+        self._accepting(True)
+        listening = self.sock.fileno()
         while True:
             timeout = min((c.deadline for c in self.clients.values()), default=None)
             wait = 1.0 if timeout is None else max(0.0, min(1.0, timeout - time.monotonic()))
-            if self.memory is not None:
-                wait = min(wait, self.memory.due_in(time.monotonic()))
             for fd, mask in self.epoll.poll(wait):
                 if fd == self.master_alive_fd:
                     return  # EOF: the master is gone
@@ -142,11 +97,8 @@ class MetricsServer:
                     self._on_event(self.clients[fd], mask)
             now = time.monotonic()
             self._expire(now)
-            if self.memory is not None:
-                self.memory.sample(self.board, now)
 
     def _accepting(self, on: bool) -> None:
-        assert self.sock is not None
         if on and not self.accepting:
             self.epoll.register(self.sock.fileno(), select.EPOLLIN)
         elif not on and self.accepting:
@@ -154,7 +106,6 @@ class MetricsServer:
         self.accepting = on
 
     def _accept(self) -> None:
-        assert self.sock is not None
         while len(self.clients) < MAX_CLIENTS:
             try:
                 sock, _ = self.sock.accept()
@@ -262,5 +213,5 @@ class MetricsServer:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
         client.sock.close()
-        if self.sock is not None and not self.accepting and len(self.clients) < MAX_CLIENTS:
+        if not self.accepting and len(self.clients) < MAX_CLIENTS:
             self._accepting(True)

@@ -39,7 +39,6 @@ class Inheritance:
     master_pid: int
     close_in_child: Callable[[], None]  # the layers around the master (pidfile, readiness)
     sockets: Callable[[], list[Listener]]  # every socket the master holds right now
-    private_fds: Callable[[], list[int]] = list  # other descriptors only the master may hold
 
 
 def after_fork_in_child(inherited: Inheritance, keep: Sequence[Listener]) -> None:
@@ -51,8 +50,6 @@ def after_fork_in_child(inherited: Inheritance, keep: Sequence[Listener]) -> Non
     for listener in inherited.sockets():
         if id(listener) not in kept:
             listener.sock.close()  # not Listener.close(): the unix socket file stays the master's
-    for fd in inherited.private_fds():
-        os.close(fd)
 
 
 @dataclass

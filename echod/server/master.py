@@ -85,17 +85,9 @@ class Helper(Protocol):
         """Sockets it holds: no other child keeps them; daemonizing keeps them open."""
         return []
 
-    def private_fds(self) -> list[int]:
-        """Other descriptors only the master may hold: every child closes them."""
-        return []
-
     def handoff_fds(self) -> dict[str, int]:
         """Its sockets (address -> fd) to hand over across an in-place upgrade."""
         return {}
-
-    def recycle_requests(self) -> list[tuple[int, str]]:
-        """Workers (pid, why) it found should be replaced, since the last call."""
-        return []
 
     def before_exec(self) -> None:
         """The master is about to re-execute itself: stop the helper's process."""
@@ -151,7 +143,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         self.children.inherited = Inheritance(
             self.signals, self.alive_read, self.alive_write, self.pid, self.close_in_child,
-            self._sockets, lambda: [fd for helper in self.helpers for fd in helper.private_fds()])
+            self._sockets)
         for helper in self.helpers:
             helper.attach(self.children, self.scoreboard)
 
@@ -233,7 +225,6 @@ class Master:
         self.upgrade.watch(now, self.children.kill)
         if self.phase is not MasterPhase.STOPPING:
             self._read_scoreboard()
-            self._recycle_requested()
             self._recycle_replaced_workers()
             self._spawn_missing(now)
             self._finish_generation_switch()
@@ -487,17 +478,6 @@ class Master:
     def _log_settings(self, config: Config) -> tuple[str, str, str, str]:
         level, log_file, log_format, access_log = logs.settings_of(config)
         return level, log_file or self.default_log_file, log_format, access_log
-
-    def _recycle_requested(self) -> None:
-        """Workers a helper found should be replaced (the metrics process: max_worker_memory)."""
-        for helper in self.helpers:
-            for pid, why in helper.recycle_requests():
-                worker = self.workers.get(pid)
-                if worker is None or worker.generation != self.generation or \
-                        worker.phase not in (WorkerPhase.BOOTING, WorkerPhase.SERVING):
-                    continue
-                log.info("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, why)
-                worker.move(WorkerPhase.REPLACING)
 
     # -- in-place upgrade --------------------------------------------------------------
     def _handoff(self) -> Handoff:

@@ -4,18 +4,14 @@ The master binds the socket before anything forks (so a port in use fails
 start-up with exit 69, like any listener) and keeps it across reloads and
 in-place upgrades; one child process serves it (``echod.metrics.service``).
 That child is restarted if it dies (with back-off), restarted on a new socket
-when a reload changes ``metrics_bind``, and never outlives the master.
-
-The same child samples the workers' memory for ``max_worker_memory`` (psutil
-is too slow for the master's loop) and reports those over the limit on a pipe;
-the master reads them as recycle requests. So it runs when either is set.
+when a reload changes ``metrics_bind``, and never outlives the master. It runs
+only while ``metrics_bind`` is set (``max_worker_memory`` is each worker's own
+check, in ``echod.server.worker``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +19,7 @@ from dataclasses import dataclass, field
 from echod.addresses import parse_address
 from echod.config import Config
 from echod.errors import BindError
-from echod.metrics.service import BACKLOG, MemoryWatch, run_metrics_process
+from echod.metrics.service import BACKLOG, run_metrics_process
 from echod.scoreboard import Scoreboard
 from echod.server.children import MASTER_SIGNALS, Children, RestartBackoff, describe_exit
 from echod.server.listeners import Listener, adopt_sockets, open_listener
@@ -41,11 +37,8 @@ class MetricsService:
     pid: int = 0
     started: float = 0.0
     backoff: RestartBackoff = field(default_factory=RestartBackoff)
-    replacing: bool = False  # we stopped the child ourselves (new socket or limit): no back-off
+    replacing: bool = False  # we stopped the child ourselves (new socket): no back-off
     refused_bind: str = ""  # a reload asked for this and it could not be bound
-    memory_limit: int = 0  # max_worker_memory the running child samples for; 0 = off
-    report_fd: int = -1  # our end of the running child's memory reports
-    reports: bytearray = field(default_factory=bytearray)  # a partial line, read early
     children: Children | None = None
     scoreboard: Scoreboard | None = None
 
@@ -78,46 +71,18 @@ class MetricsService:
     def handoff_fds(self) -> dict[str, int]:
         return {self.bind: self.listener.fileno()} if self.listener is not None else {}
 
-    def private_fds(self) -> list[int]:
-        return [self.report_fd] if self.report_fd >= 0 else []
-
     def supervise(self, config: Config, stopping: bool, now: float) -> None:
         wanted = config.metrics_bind
         if wanted != self.bind and wanted != self.refused_bind:
             self._rebind(wanted)
-        if config.max_worker_memory != self.memory_limit:
-            self.memory_limit = config.max_worker_memory
-            self._replace_child()  # its successor samples for the new limit
-        needed = self.listener is not None or self.memory_limit > 0
-        if stopping or not needed or self.pid or not self.backoff.may_start(now):
+        if stopping or self.listener is None or self.pid or not self.backoff.may_start(now):
             return
         self._spawn()
-
-    def recycle_requests(self) -> list[tuple[int, str]]:
-        """Workers over max_worker_memory, as (pid, why), since the last call."""
-        if self.report_fd < 0:
-            return []
-        while True:
-            try:
-                chunk = os.read(self.report_fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.reports += chunk
-        *lines, rest = self.reports.split(b"\n")
-        self.reports = bytearray(rest)
-        requests = []
-        for line in lines:
-            pid, uss = (int(field) for field in line.split())
-            requests.append((pid, f"memory {uss} bytes > max_worker_memory {self.memory_limit}"))
-        return requests
 
     def child_exited(self, pid: int, status: int) -> bool:
         if pid != self.pid:
             return False
         self.pid = 0
-        self._close_reports()
         if self.replacing:
             self.replacing = False
             return True
@@ -141,7 +106,6 @@ class MetricsService:
             assert self.children is not None
             self.children.stop_now(self.pid)
             self.pid = 0
-            self._close_reports()
 
     # -- inside --------------------------------------------------------------------------------
     def _rebind(self, wanted: str) -> None:
@@ -172,33 +136,16 @@ class MetricsService:
 
     def _spawn(self) -> None:
         assert self.children is not None and self.children.inherited is not None
-        assert self.scoreboard is not None
+        assert self.scoreboard is not None and self.listener is not None
         listener, board, inherited = self.listener, self.scoreboard, self.children.inherited
-        memory: MemoryWatch | None = None
-        write_fd = -1
-        if self.memory_limit:
-            self.report_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            memory = MemoryWatch(self.memory_limit, write_fd)
-        try:
-            self.pid = self.children.fork(
-                [listener] if listener is not None else [],
-                lambda: run_metrics_process(
-                    listener.sock if listener is not None else None,
-                    listener.bound if listener is not None else "", board,
-                    inherited.alive_read, inherited.master_pid, MASTER_SIGNALS, memory),
-                failed="metrics process failed", failure_code=1)
-        finally:
-            if write_fd >= 0:
-                os.close(write_fd)  # the child's end
+        self.pid = self.children.fork(
+            [listener],
+            lambda: run_metrics_process(listener.sock, listener.bound, board,
+                                        inherited.alive_read, inherited.master_pid,
+                                        MASTER_SIGNALS),
+            failed="metrics process failed", failure_code=1)
         self.started = time.monotonic()
         log.debug("started metrics process (pid %d)", self.pid)
-
-    def _close_reports(self) -> None:
-        if self.report_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.report_fd)
-            self.report_fd = -1
-            self.reports.clear()
 
 
 def _open(bind: str) -> Listener:

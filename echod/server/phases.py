@@ -1,11 +1,11 @@
 """Where each worker, and the master itself, is in its life: one phase each.
 
 Two words are easy to mix up here. A worker *asks* to be replaced while it
-keeps serving (``max_connections_per_child`` sets ``State.RETIRING`` on the
-scoreboard; ``max_worker_memory`` is the master's own verdict): that is
-``REPLACING``. The master *tells* a worker to go: ``DRAINING`` (SIGTERM, finish
-the connections) or ``QUITTING`` (SIGQUIT, fast). The tables below are every
-move the master makes; any other is a bug and raises.
+keeps serving (past ``max_connections_per_child`` or over ``max_worker_memory``
+it sets ``State.RETIRING`` on the scoreboard): that is ``REPLACING``. The
+master *tells* a worker to go: ``DRAINING`` (SIGTERM, finish the connections)
+or ``QUITTING`` (SIGQUIT, fast). The tables below are every move the master
+makes; any other is a bug and raises.
 """
 
 from __future__ import annotations

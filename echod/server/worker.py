@@ -60,6 +60,7 @@ ACCEPT_ERROR_COUNTERS = {
     errno.ECONNABORTED: Counter.ACCEPT_ABORTED, errno.EPROTO: Counter.ACCEPT_ABORTED,
 }
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
+MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between samples of our own USS for max_worker_memory
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
 
@@ -88,6 +89,45 @@ class Connection:
 # Called with each stream connection, and the counter of why it ends, just before
 # its socket closes: the access log (echod.server.access) is one.
 CloseHook = Callable[[Connection, Counter], None]
+
+
+class MemoryLimit:
+    """``max_worker_memory``: is this worker's unique memory (USS) over the limit?
+
+    Reading USS parses /proc/self/smaps (about a millisecond), so housekeeping
+    asks every ``MEMORY_SAMPLE_INTERVAL``, the first time that long after start;
+    never per connection or per event. ``sample`` returns our USS in bytes (see
+    :func:`own_uss_sampler`) or raises OSError.
+    """
+
+    def __init__(self, limit: int, sample: Callable[[], int], now: float) -> None:
+        self.limit = limit
+        self.sample = sample
+        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
+
+    def exceeded(self, now: float) -> int:
+        """If a sample is due and above the limit, that sample (bytes); else 0."""
+        if now < self.next_sample:
+            return 0
+        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
+        uss = self.sample()
+        return uss if uss > self.limit else 0
+
+
+def own_uss_sampler() -> Callable[[], int]:
+    """This process's USS through psutil, with the Process object made once."""
+    # Imported here, in the worker that samples: the master imports this module.
+    import psutil
+
+    process = psutil.Process()
+
+    def sample() -> int:
+        try:
+            return int(process.memory_full_info().uss)
+        except psutil.Error as exc:
+            raise OSError(str(exc) or type(exc).__name__) from exc
+
+    return sample
 
 
 @dataclass
@@ -138,6 +178,9 @@ class Worker:
             policy) if tcp_limits_configured(config) else None
         self.datagram_echoes = self._datagram_echoes(limits, policy)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
+        self.recycling = False  # asked the master for a replacement (at most once)
+        self.memory_limit = MemoryLimit(config.max_worker_memory, own_uss_sampler(),
+                                        time.monotonic()) if config.max_worker_memory else None
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
@@ -271,9 +314,13 @@ class Worker:
         if standing_aside and self.balancer.should_rejoin(len(self.connections)):
             self._rejoin()
             standing_aside = False
+        if self.memory_limit is not None:
+            self._check_memory(now)
         self._publish(now)
         self.error_log.flush()
         next_tick = now + self.heartbeat_interval
+        if self.memory_limit is not None:
+            next_tick = min(next_tick, self.memory_limit.next_sample)
         for wheel in (self.idle_wheel, self.lifetime_wheel):
             if wheel:
                 next_tick = min(next_tick, wheel.next_deadline() or next_tick)
@@ -322,9 +369,27 @@ class Worker:
         self.slot.set_state(State.DRAINING)
         self.next_housekeeping = 0.0
 
-    def _request_recycling(self) -> None:
-        """Ask the master for a replacement; it sends TERM once that one serves."""
-        log.info("recycling after %d connections", self.accepted)
+    def _check_memory(self, now: float) -> None:
+        assert self.memory_limit is not None
+        limit = self.memory_limit.limit
+        try:
+            uss = self.memory_limit.exceeded(now)
+        except OSError as exc:
+            log.warning("max_worker_memory: cannot read this worker's memory (%s); "
+                        "not checking it any more", exc)
+            self.memory_limit = None
+            return
+        if uss:
+            self._request_recycling("recycling: memory %d bytes > max_worker_memory %d",
+                                    uss, limit)
+
+    def _request_recycling(self, why: str, *args: object) -> None:
+        """Ask the master for a replacement, once; it sends TERM once that one serves."""
+        self.memory_limit = None  # nothing more to decide: we are on our way out
+        if self.recycling or self.draining:
+            return
+        self.recycling = True
+        log.info(why, *args)
         self.slot.set_state(State.RETIRING)
 
     # -- accepting (which worker accepts: see echod.server.balance) ----------------------------
@@ -424,7 +489,7 @@ class Worker:
             self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
             self.accepted += 1
             if self.accepted == self.recycle_after:
-                self._request_recycling()
+                self._request_recycling("recycling after %d connections", self.accepted)
 
     def _accept_all_queued(self, listener: Listener, now: float) -> None:
         for _ in range(1000):  # bounded: the backlog is finite, but stay safe

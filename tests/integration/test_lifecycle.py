@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 from support.echod import echo_roundtrip, wait_until
 from support.load import ClientLoad
@@ -118,7 +119,12 @@ def test_recycling_after_max_connections_per_child(start_echod) -> None:
 def test_recycling_on_max_worker_memory(start_echod) -> None:
     server = start_echod(workers=1, config={"max_worker_memory": 1024})
     (original,) = server.wait_workers(1)
-    server.wait_for_log(rf"recycling worker 1 \(pid {original}\): memory \d+ bytes", timeout=20)
+    # no metrics_bind: no metrics process either, the worker alone decides
+    assert [p.pid for p in psutil.Process(server.pid).children()] == [original]
+    # the worker's own verdict (it samples its USS every 3 s), then the master's replacement
+    server.wait_for_log(rf"\[worker 1 {original}\] recycling: memory \d+ bytes > "
+                        r"max_worker_memory 1024", timeout=20)
+    server.wait_for_log(rf"recycling worker 1 \(pid {original}\)", timeout=10)
     wait_until(lambda: original not in server.worker_pids(), 20, message="recycled worker")
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"fresh") == b"fresh"

@@ -55,3 +55,12 @@ def test_the_metrics_process_loads_nothing_of_the_server() -> None:
     loaded = subprocess.run([sys.executable, "-c", code],
                             capture_output=True, text=True, check=True).stdout.split()
     assert [name for name in loaded if name.startswith("echod.server")] == []
+
+
+def test_the_master_and_the_worker_code_load_no_psutil() -> None:
+    # max_worker_memory is sampled by each worker, which imports psutil when it
+    # starts with a limit; the master's own code never needs it.
+    code = "import sys, echod.server.master, echod.server.worker; print('psutil' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +28,49 @@ def board(tmp_path: Path) -> Iterator[Scoreboard]:
     scoreboard.unlink()
 
 
+METRICS = "127.0.0.1:0"
+
+
 @pytest.fixture
-def service(board: Scoreboard) -> Iterator[MetricsService]:
-    children = FakeChildren(inherited=Inheritance(
+def children() -> FakeChildren:
+    return FakeChildren(inherited=Inheritance(
         None, -1, -1, 1, lambda: None, list))  # type: ignore[arg-type]
-    metrics = MetricsService()
+
+
+@pytest.fixture
+def service(board: Scoreboard, children: FakeChildren) -> Iterator[MetricsService]:
+    metrics = MetricsService.open(METRICS)
     metrics.attach(children, board)
     yield metrics
-    metrics._close_reports()
+    if metrics.listener is not None:
+        metrics.listener.close()
 
 
-def test_memory_watching_alone_starts_the_metrics_process(service: MetricsService) -> None:
-    config = Config(max_worker_memory=1 << 20)
-    service.supervise(replace(config, max_worker_memory=0), stopping=False, now=0.0)
-    assert service.pid == 0  # neither metrics_bind nor max_worker_memory: no process
-    service.supervise(config, stopping=False, now=0.0)
-    assert service.pid and service.report_fd >= 0
-    assert service.private_fds() == [service.report_fd]  # workers must close it
+def test_the_metrics_process_runs_only_for_metrics_bind(board: Scoreboard,
+                                                        children: FakeChildren) -> None:
+    unbound = MetricsService()
+    unbound.attach(children, board)
+    # max_worker_memory is the workers' own business: it starts no process here
+    unbound.supervise(Config(max_worker_memory=1 << 20), stopping=False, now=0.0)
+    assert unbound.pid == 0 and children.forked == []
 
 
-def test_a_new_memory_limit_restarts_the_process_without_back_off(
-        service: MetricsService) -> None:
-    children = service.children
-    assert isinstance(children, FakeChildren)
-    service.supervise(Config(max_worker_memory=1000), stopping=False, now=0.0)
+def test_a_new_metrics_bind_restarts_the_process_without_back_off(
+        service: MetricsService, children: FakeChildren) -> None:
+    service.supervise(Config(metrics_bind=METRICS), stopping=False, now=0.0)
     first = service.pid
-    service.supervise(Config(max_worker_memory=2000), stopping=False, now=0.1)
+    moved = Config(metrics_bind="unix:" + service.scoreboard.path + ".metrics")  # type: ignore[union-attr]
+    service.supervise(moved, stopping=False, now=0.1)
     assert children.sent(signal.SIGTERM) == [first]
     assert service.child_exited(first, signal.SIGTERM)
-    assert service.report_fd == -1  # the old reports go with the old limit
-    service.supervise(Config(max_worker_memory=2000), stopping=False, now=0.2)
+    service.supervise(moved, stopping=False, now=0.2)
     assert service.pid not in (0, first) and service.backoff.failures == 0
 
 
 def test_a_metrics_process_dying_young_is_restarted_later(service: MetricsService) -> None:
-    config = Config(max_worker_memory=1000)
+    config = Config(metrics_bind=METRICS)
     service.supervise(config, stopping=False, now=0.0)
+    assert service.pid
     assert service.child_exited(service.pid, 1 << 8)  # at once: young
     assert not service.child_exited(4242, 0)  # not ours
     now = time.monotonic()

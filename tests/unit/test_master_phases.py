@@ -7,7 +7,6 @@ and a real scoreboard file, on which the tests play the workers' part
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -22,7 +21,6 @@ from support.master import FakeChildren, report, started
 from echod import exitcodes
 from echod.addresses import parse_address
 from echod.config import MAX_WORKERS, Config
-from echod.metrics.service import MemoryWatch
 from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, Scoreboard, State
 from echod.server import master as master_module
@@ -34,7 +32,6 @@ from echod.server.children import (
 )
 from echod.server.listeners import Listener, ListenerChange
 from echod.server.master import ABORT_GRACE, BUSY_TICK, IDLE_TICK, Hooks, Master
-from echod.server.metrics_child import MetricsService
 from echod.server.phases import (
     IllegalTransition,
     MasterPhase,
@@ -434,9 +431,6 @@ def test_config_changes_reach_helpers_explicitly(make_master) -> None:
         def supervise(self, config: Config, stopping: bool, now: float) -> None:
             seen.append((config.metrics_bind, stopping))
 
-        def recycle_requests(self) -> list[tuple[int, str]]:
-            return []
-
     master = make_master(workers=1)
     master.helpers.append(Helper())  # type: ignore[arg-type]
     master.config = replace(master.config, metrics_bind="127.0.0.1:9")
@@ -444,52 +438,6 @@ def test_config_changes_reach_helpers_explicitly(make_master) -> None:
     master.stop(graceful=True)
     master._supervise(time.monotonic())
     assert seen == [("127.0.0.1:9", False), ("127.0.0.1:9", True)]
-
-
-def test_a_worker_a_helper_finds_too_big_is_replaced(make_master, caplog) -> None:
-    requests: list[tuple[int, str]] = []
-
-    class Watch:
-        name = "memory"
-
-        def supervise(self, config: Config, stopping: bool, now: float) -> None:
-            pass
-
-        def recycle_requests(self) -> list[tuple[int, str]]:
-            found, requests[:] = list(requests), []
-            return found
-
-    caplog.set_level(logging.INFO, "echod.master")
-    master = make_master(workers=2)
-    master.helpers.append(Watch())  # type: ignore[arg-type]
-    first, second = started(master)
-    requests.extend([(first.pid, "memory 9 bytes > max_worker_memory 1"), (4242, "gone")])
-    master._supervise(time.monotonic())
-    assert first.phase is WorkerPhase.REPLACING and second.phase is WorkerPhase.SERVING
-    assert f"recycling worker 1 (pid {first.pid}): memory 9 bytes > max_worker_memory 1" \
-        in caplog.text
-    requests.append((first.pid, "memory 9 bytes > max_worker_memory 1"))
-    master._supervise(time.monotonic())  # asked again: already being replaced
-    assert caplog.text.count("recycling worker 1") == 1
-
-
-def test_memory_reports_travel_from_the_metrics_process_as_lines(board) -> None:
-    board.claim(0, pid=os.getpid(), generation=1, worker_id=1)
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
-    service = MetricsService(memory_limit=1, report_fd=read_fd)
-    try:
-        watch = MemoryWatch(limit=1, report_fd=write_fd)
-        watch.sample(board, now=100.0)
-        watch.sample(board, now=101.0)  # not due yet: one report
-        os.write(write_fd, b"77 12")  # half a line: kept for the next read
-        ((pid, why),) = service.recycle_requests()
-        assert pid == os.getpid() and why.endswith("bytes > max_worker_memory 1")
-        os.write(write_fd, b"34\n")
-        assert service.recycle_requests() == [(77, "memory 1234 bytes > max_worker_memory 1")]
-        assert watch.due_in(101.0) == pytest.approx(2.0)
-    finally:
-        os.close(write_fd)
-        os.close(read_fd)
 
 
 def test_a_handoff_from_a_newer_format_decodes_what_it_knows(caplog) -> None:
