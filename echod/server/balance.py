@@ -16,9 +16,9 @@ moves turn that queue into an even, load-aware spread:
 The decision reads the peers' open connections from the scoreboard, where each
 worker writes its own count on every accept and close (one ``pack_into``). The
 last worker that listens never stands aside (checked under a lock on the
-scoreboard file) without first waking a peer that holds less, and a peer whose
-heartbeat is late counts as neither listening nor least loaded. A
-worker standing aside looks again on each of its own closes, every
+scoreboard file, never waited for) without first waking a peer that holds less,
+and a peer whose heartbeat is late counts as neither listening nor least loaded.
+A worker standing aside looks again on each of its own closes, every
 ``ASIDE_RECHECK`` seconds, and at once when the last listener, over its own
 share in turn, nudges it (``NUDGE``) and steps aside itself: in a burst the
 queue is handed on within a scheduling delay.
@@ -128,7 +128,9 @@ class AcceptBalancer:
         least = self._peer_loads()[0]
         if least is None or open_connections <= allowance(least):
             return False
-        with self._locked():
+        with self._locked() as locked:
+            if not locked:  # a peer is deciding (or hung mid-decision): stay, decide later
+                return False
             _, listening, aside = self._peer_loads()
             if not listening:
                 if not aside:
@@ -144,12 +146,19 @@ class AcceptBalancer:
         return least is None or not listening or open_connections <= allowance(least)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[bool]:
+        """The "last listener" lock, if free. Never waited for: a worker stopped
+        while holding it (SIGSTOP, a debugger) must not stop its peers too, and
+        staying in the queue is always a safe answer."""
         if self.lock_fd < 0:
-            yield
+            yield True
             return
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)

@@ -450,10 +450,7 @@ class Worker:
         gate = self.admission if family != AF_UNIX else None
         for _ in range(budget):
             if len(connections) >= limit:
-                # leave further connections to workers with room
-                self._pause_accepting()
-                self.capacity_paused = True
-                self.counters[Counter.REJECTED_MAX_CONNECTIONS] += 1
+                self._pause_at_capacity()
                 return
             try:
                 fd, peer = accept_fd()
@@ -490,6 +487,17 @@ class Worker:
             self.accepted += 1
             if self.accepted == self.recycle_after:
                 self._request_recycling("recycling after %d connections", self.accepted)
+            if len(connections) >= limit:
+                # Leave the wait queue as soon as we are full, not when next woken:
+                # EPOLLEXCLUSIVE would hand that wakeup to us alone, and the
+                # connection would wait for the next arrival to wake a worker with room.
+                self._pause_at_capacity()
+                return
+
+    def _pause_at_capacity(self) -> None:
+        self._pause_accepting()
+        self.capacity_paused = True  # resumed by _close when a connection leaves
+        self.counters[Counter.REJECTED_MAX_CONNECTIONS] += 1
 
     def _accept_all_queued(self, listener: Listener, now: float) -> None:
         for _ in range(1000):  # bounded: the backlog is finite, but stay safe

@@ -3,6 +3,7 @@ file: who stands aside, who rejoins, how many a woken worker takes."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_peers_are_read_again_when_the_roster_changes(board) -> None:
     assert me.has_peers()
     board.release(3)
     assert not me.has_peers()
+
+
+def test_a_peer_stopped_while_deciding_does_not_stop_the_others(board, tmp_path) -> None:
+    # A hung peer may hold the "last listener" lock: staying in the queue is the
+    # safe answer, and waiting for the lock would hang this worker too.
+    me = worker(board, 0, AcceptState.LISTENING, 20)
+    worker(board, 1, AcceptState.LISTENING, 5)
+    held = os.open(tmp_path / "echod.scoreboard", os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        assert not me.should_stand_aside(20)
+        assert time.monotonic() - started < 5.0  # returned, did not wait for the lock
+        assert me.state == AcceptState.LISTENING
+    finally:
+        os.close(held)
+    assert me.should_stand_aside(20)  # lock free again: over its share, it steps aside
