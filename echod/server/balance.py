@@ -16,7 +16,7 @@ moves turn that queue into an even, load-aware spread:
 The decision reads the peers' open connections from the scoreboard, where each
 worker writes its own count on every accept and close (one ``pack_into``). The
 last worker that listens never stands aside (checked under a lock on the
-scoreboard file, never waited for) without first waking a peer that holds less,
+scoreboard file, waited for briefly) without first waking a peer that holds less,
 and a peer whose heartbeat is late counts as neither listening nor least loaded.
 A worker standing aside looks again on each of its own closes, every
 ``ASIDE_RECHECK`` seconds, and at once when the last listener, over its own
@@ -38,6 +38,8 @@ from echod.scoreboard import WorkerSlot
 
 ASIDE_RECHECK = 0.01  # seconds between looks while standing aside
 NUDGE = signal.SIGURG  # "look again": ignored by default, so a stray one is harmless
+LOCK_PATIENCE = 0.05  # seconds to wait for the lock before staying in the queue
+LOCK_RETRY_AFTER = 1.0  # after such a wait, seconds of not asking (its holder may be hung)
 
 
 class AcceptState(IntEnum):
@@ -69,6 +71,7 @@ class AcceptBalancer:
         self.peers: list[int] = []  # scoreboard offsets of the other workers' slots
         self.roster = -1  # the scoreboard's roster sequence when peers was read
         self.lock_fd = -1
+        self.lock_wedged_until = 0.0  # monotonic: the lock was not to be had; stay until then
 
     def open(self) -> None:
         """Open the scoreboard file for the "last listener" lock (in the worker)."""
@@ -147,18 +150,32 @@ class AcceptBalancer:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[bool]:
-        """The "last listener" lock, if free. Never waited for: a worker stopped
-        while holding it (SIGSTOP, a debugger) must not stop its peers too, and
-        staying in the queue is always a safe answer."""
+        """The "last listener" lock, or False if it cannot be had soon.
+
+        Held for microseconds, so a short wait gets it even in a burst, when every
+        worker decides at once. But a peer stopped while holding it (SIGSTOP, a
+        debugger) must not stop us too: after LOCK_PATIENCE we stay in the queue,
+        which is always a safe answer, and stop asking for a while.
+        """
         if self.lock_fd < 0:
             yield True
             return
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        now = time.monotonic()
+        if now < self.lock_wedged_until or not self._try_lock(now + LOCK_PATIENCE):
+            self.lock_wedged_until = max(self.lock_wedged_until, now + LOCK_RETRY_AFTER)
             yield False
             return
         try:
             yield True
         finally:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def _try_lock(self, deadline: float) -> bool:
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.0001)

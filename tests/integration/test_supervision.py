@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support.echod import echo_roundtrip, wait_until
+from support.echod import assert_closed_by_server, echo_roundtrip, wait_until
 from support.faults import BOOT_FAILURE, boot_fault_env
 
 
@@ -43,11 +43,7 @@ def test_killed_worker_is_replaced_and_others_are_unharmed(start_echod) -> None:
         assert replaced_in < 3.0, f"replacement took {replaced_in:.2f}s"
         for sock, owner in owners.items():
             if owner == victim:
-                sock.settimeout(5)
-                try:
-                    assert sock.recv(1) == b""
-                except ConnectionResetError:
-                    pass
+                assert_closed_by_server(sock)
             else:
                 assert echo_roundtrip(sock, b"after") == b"after"
         assert sum(1 for o in owners.values() if o != victim) == 5
@@ -112,11 +108,7 @@ def test_graceful_timeout_bounds_the_drain(start_echod) -> None:
     assert echo_roundtrip(conversation, b"x") == b"x"
     server.send_signal(signal.SIGTERM)
     assert server.wait(15) == 0
-    conversation.settimeout(5)
-    try:
-        assert conversation.recv(1) == b""
-    except ConnectionResetError:
-        pass
+    assert_closed_by_server(conversation)
     conversation.close()
 
 
@@ -127,11 +119,7 @@ def test_fast_stop_closes_conversations(start_echod, signum: int) -> None:
     assert echo_roundtrip(conversation, b"x") == b"x"
     server.send_signal(signum)
     assert server.wait(10) == 0
-    conversation.settimeout(5)
-    try:
-        assert conversation.recv(1) == b""
-    except ConnectionResetError:
-        pass
+    assert_closed_by_server(conversation)
     conversation.close()
 
 

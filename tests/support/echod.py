@@ -61,6 +61,15 @@ def recv_until_eof(sock: socket.socket, timeout: float = 10.0, limit: int = 64 <
     raise AssertionError("peer sent more than expected")
 
 
+def assert_closed_by_server(sock: socket.socket, timeout: float = 5.0) -> None:
+    """The server closed ``sock``: an orderly EOF, or a reset (it had unread data)."""
+    sock.settimeout(timeout)
+    try:
+        assert sock.recv(1) == b"", "the connection is still open"
+    except ConnectionResetError:
+        pass
+
+
 def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 10.0) -> bytes:
     sock.sendall(payload)
     return recv_exactly(sock, len(payload), timeout)

@@ -92,8 +92,9 @@ def test_peers_are_read_again_when_the_roster_changes(board) -> None:
 
 
 def test_a_peer_stopped_while_deciding_does_not_stop_the_others(board, tmp_path) -> None:
-    # A hung peer may hold the "last listener" lock: staying in the queue is the
-    # safe answer, and waiting for the lock would hang this worker too.
+    # A hung peer may hold the "last listener" lock: after a short wait this worker
+    # stays in the queue (the safe answer) instead of hanging too, and stops asking
+    # for a while.
     me = worker(board, 0, AcceptState.LISTENING, 20)
     worker(board, 1, AcceptState.LISTENING, 5)
     held = os.open(tmp_path / "echod.scoreboard", os.O_RDONLY)
@@ -101,8 +102,12 @@ def test_a_peer_stopped_while_deciding_does_not_stop_the_others(board, tmp_path)
         fcntl.flock(held, fcntl.LOCK_EX)
         started = time.monotonic()
         assert not me.should_stand_aside(20)
-        assert time.monotonic() - started < 5.0  # returned, did not wait for the lock
+        assert time.monotonic() - started < 5.0  # gave up waiting
         assert me.state == AcceptState.LISTENING
+        assert me.lock_wedged_until > time.monotonic()
     finally:
         os.close(held)
+    assert not me.should_stand_aside(20)  # still within the pause: does not ask
+    me.lock_wedged_until = 0.0  # the pause is over
     assert me.should_stand_aside(20)  # lock free again: over its share, it steps aside
+    assert me.state == AcceptState.ASIDE
