@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 IPV4_BITS = 32
 IPV6_BITS = 128
+_V4_MAPPED = 0xFFFF << 32  # ::ffff:0:0/96: how an IPv4 client looks on a dual-stack socket
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -52,13 +53,19 @@ def host_to_int(host: str) -> tuple[int, int]:
     if "%" in host:
         host = host.partition("%")[0]  # link-local scope: not part of the address
     value = int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
-    if value >> 32 == 0xFFFF:  # ::ffff:0:0/96, an IPv4 client of a dual-stack socket
+    if value >> 32 == 0xFFFF:  # an IPv4 client of a dual-stack socket
         return IPV4_BITS, value & 0xFFFFFFFF
     return IPV6_BITS, value
 
 
 class NetworkSet:
-    """A set of IPv4/IPv6 networks answering "does it contain this address?"."""
+    """A set of IPv4/IPv6 networks answering "does it contain this address?".
+
+    An IPv4 client, whether it arrived as ``1.2.3.4`` or as ``::ffff:1.2.3.4``
+    (a dual-stack socket), matches an IPv4 network holding ``1.2.3.4`` and an
+    IPv6 network holding ``::ffff:1.2.3.4`` (``deny = ["::ffff:0:0/96"]`` denies
+    every IPv4 client).
+    """
 
     def __init__(self, networks: Iterable[Network | str]) -> None:
         by_family: dict[int, dict[int, set[int]]] = {IPV4_BITS: {}, IPV6_BITS: {}}
@@ -83,9 +90,16 @@ class NetworkSet:
         return self._count > 0
 
     def contains_int(self, bits: int, value: int) -> bool:
-        for shift, members in self._tables[bits]:  # noqa: SIM110 - no generator per client
+        for shift, members in self._tables[bits]:  # a loop, not any(): no generator per client
             if value >> shift in members:
                 return True
+        # An IPv4 client is the same client whichever socket it came through, so
+        # it also matches IPv6 networks holding its mapped form (::ffff:0:0/96).
+        if bits == IPV4_BITS and self._tables[IPV6_BITS]:
+            mapped = _V4_MAPPED | value
+            for shift, members in self._tables[IPV6_BITS]:
+                if mapped >> shift in members:
+                    return True
         return False
 
     def __contains__(self, host: str) -> bool:

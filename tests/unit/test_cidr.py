@@ -84,6 +84,31 @@ def addresses_near(draw: st.DrawFn, nets: list) -> str:
 def test_matches_like_the_ipaddress_module(data: st.DataObject) -> None:
     nets = data.draw(st.lists(networks(), max_size=8))
     host = data.draw(addresses_near(nets))
+    assert (host in NetworkSet(nets)) == oracle(host, nets)
+
+
+def oracle(host: str, nets: list) -> bool:
+    """The semantics by the ipaddress module: an IPv4 client, plain or mapped,
+    matches IPv4 networks by its IPv4 form and IPv6 networks by its mapped form."""
     address = ipaddress.ip_address(host)
-    expected = any(address.version == net.version and address in net for net in nets)
+    v4 = address if address.version == 4 else address.ipv4_mapped
+    forms = [address] if v4 is None else [v4, ipaddress.IPv6Address(f"::ffff:{v4}")]
+    return any(form.version == net.version and form in net for form in forms for net in nets)
+
+
+@pytest.mark.parametrize(("nets", "host", "expected"), [
+    # found by the property test: the mapped form lies inside ::/80
+    (["0.0.0.0/1", "0.0.0.0/1", "::/80"], "::ffff:ffff:fffe", True),
+    (["128.0.0.0/1"], "::ffff:ffff:fffe", True),
+    (["::ffff:0:0/96"], "::ffff:10.1.2.3", True),
+    (["::ffff:0:0/96"], "10.1.2.3", True),  # the same client on an IPv4 socket
+    (["::ffff:10.0.0.0/104"], "10.1.2.3", True),
+    (["::ffff:10.0.0.0/104"], "11.1.2.3", False),
+    (["10.0.0.0/8"], "::ffff:10.1.2.3", True),
+    (["::/96"], "10.1.2.3", False),  # ::10.1.2.3 (IPv4-compatible) is not the mapped form
+])
+def test_ipv4_clients_match_both_forms(nets: list[str], host: str, expected: bool) -> None:
+    networks = [ipaddress.ip_network(n) for n in nets]
+    assert oracle(host, networks) == expected
     assert (host in NetworkSet(nets)) == expected
+    assert AddressPolicy([], nets).permits(host) == (not expected)
