@@ -6,12 +6,21 @@ them to pytest, so that every process a test starts is killed at teardown.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from support.echod import EchodProcess, child_env, echod_command, to_toml
+
+# Property tests: CI replays the same examples every run (a red run can be re-run
+# and means the code changed); a developer's run keeps exploring, and a failure
+# prints the blob that reproduces it (@reproduce_failure).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture
