@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint format venv clean
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +19,19 @@ run: venv
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Style (ruff), the package boundaries (lint-imports, contracts in pyproject.toml)
-# and dead code (vulture). All three run even when one fails, so one run shows
-# every problem; lint fails if any did.
+# Style (ruff check, and ruff format: `make format` applies it), the package
+# boundaries (lint-imports, contracts in pyproject.toml) and dead code (vulture).
+# All run even when one fails, so one run shows every problem; lint fails if any did.
 lint: venv
 	@status=0; \
 	$(BIN)/ruff check echod tests benchmarks || status=1; \
+	$(BIN)/ruff format --check echod tests benchmarks || status=1; \
 	$(BIN)/lint-imports --no-logo || status=1; \
 	$(BIN)/vulture || status=1; \
 	exit $$status
+
+format: venv
+	$(BIN)/ruff format echod tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

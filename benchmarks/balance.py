@@ -45,9 +45,21 @@ class Server:
         self.run = tempfile.mkdtemp(prefix="echod-balance-")
         os.chmod(self.run, 0o700)
         self.proc = subprocess.Popen(
-            [echod, "-F", "-w", str(workers), "-b", f"127.0.0.1:{self.port}",
-             "--runtime-dir", self.run, "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                echod,
+                "-F",
+                "-w",
+                str(workers),
+                "-b",
+                f"127.0.0.1:{self.port}",
+                "--runtime-dir",
+                self.run,
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.master = psutil.Process(self.proc.pid)
         self.socks: list[socket.socket] = []
         self.wait_workers(workers)
@@ -80,8 +92,11 @@ class Server:
                 conns = child.net_connections("tcp4")
             except psutil.Error:
                 continue
-            counts[child.pid] = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED
-                                    and c.laddr.port == self.port)
+            counts[child.pid] = sum(
+                1
+                for c in conns
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
+            )
         return counts
 
     def settled(self, total: int, workers: int) -> list[int]:
@@ -90,8 +105,9 @@ class Server:
 
     def open(self, count: int, at_once: bool = False) -> None:
         if at_once:
-            burst = [socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                     for _ in range(count)]
+            burst = [
+                socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(count)
+            ]
             for s in burst:
                 s.sendall(b"y")
             for s in burst:
@@ -197,18 +213,24 @@ def main() -> int:
     finally:
         server.stop()
 
-    report = {name: {"per_worker": counts, "max_over_fair": ratio(counts),
-                     "target": round((1.10 * sum(counts) / len(counts) + 1)
-                                     * len(counts) / sum(counts), 2)}
-              for name, counts in results.items()}
+    report = {
+        name: {
+            "per_worker": counts,
+            "max_over_fair": ratio(counts),
+            "target": round((1.10 * sum(counts) / len(counts) + 1) * len(counts) / sum(counts), 2),
+        }
+        for name, counts in results.items()
+    }
     if a.json:
         print(json.dumps({"workers": w, "n": n, "patterns": report}, indent=2))
     else:
         print(f"{w} workers, {n} connections per pattern")
         print(f"{'pattern':<12} {'max/fair':>8} {'target':>7}  per worker")
         for name, row in report.items():
-            print(f"{name:<12} {row['max_over_fair']:>8.2f} {row['target']:>7.2f}  "
-                  f"{row['per_worker']}")
+            print(
+                f"{name:<12} {row['max_over_fair']:>8.2f} {row['target']:>7.2f}  "
+                f"{row['per_worker']}"
+            )
     return 0
 
 

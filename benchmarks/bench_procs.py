@@ -122,13 +122,21 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_supervised(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float,
-                   stdout_path: Path) -> int:
+def run_supervised(
+    cmd: list[str], cwd: Path, env: dict[str, str], timeout: float, stdout_path: Path
+) -> int:
     """Run cmd in its own session; on timeout, error or Ctrl-C stop it and its children.
     SIGINT first: compare.py then stops its current server itself."""
     with stdout_path.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_default_sigint)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        )
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,9 +153,15 @@ def server(command: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[
     with log.open("a") as out:
         out.write(f"### {time.strftime('%H:%M:%S')} exec {command}\n")
         out.flush()
-        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + command], cwd=cwd, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", "exec " + command],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:

@@ -246,8 +246,10 @@ def ratio_verdict(cfg: ConfigResult, scenario: str) -> Verdict:
 
 def retention_verdict(cfg: ConfigResult) -> Verdict:
     q = retention(cfg, cfg.echod)
-    name = (f"idle-hold retention ({IDLE_SCENARIO} / {IDLE_BASE_SCENARIO} rate) "
-            f">= {RETENTION_TARGET:.2f}")
+    name = (
+        f"idle-hold retention ({IDLE_SCENARIO} / {IDLE_BASE_SCENARIO} rate) "
+        f">= {RETENTION_TARGET:.2f}"
+    )
     if q is None:
         return Verdict(name, cfg.key, "no data", None)
     errs = "" if _clean(cfg, IDLE_SCENARIO) and _clean(cfg, IDLE_BASE_SCENARIO) else " (run errors)"
@@ -380,8 +382,10 @@ def render_scenario(scenario: str, configs: list[ConfigResult]) -> list[str]:
             notes += [f"- {cfg.key} / {srv}: {t}" for t in (s.troubles if s else ())]
     if scenario == IDLE_SCENARIO:
         out.append("")
-        out.append(f"Idle-hold retention ({IDLE_SCENARIO} rate / {IDLE_BASE_SCENARIO} rate, "
-                   f"higher is better, target for echod >= {RETENTION_TARGET:.2f}):")
+        out.append(
+            f"Idle-hold retention ({IDLE_SCENARIO} rate / {IDLE_BASE_SCENARIO} rate, "
+            f"higher is better, target for echod >= {RETENTION_TARGET:.2f}):"
+        )
         out.append("")
         for cfg in configs:
             cells = [f"{srv} {_num(retention(cfg, srv), 2)}" for srv in cfg.servers]
@@ -449,9 +453,11 @@ def render_report(
     if configs:
         out += ["## Configurations", ""]
         for c in configs:
-            out.append(f"- **{c.key}**: {c.title}; reference `{c.ref}`, echod `{c.echod}`, "
-                       f"peers {', '.join(f'`{p}`' for p in c.peers) or 'none'}"
-                       + _load_note(c.foreign_load))
+            out.append(
+                f"- **{c.key}**: {c.title}; reference `{c.ref}`, echod `{c.echod}`, "
+                f"peers {', '.join(f'`{p}`' for p in c.peers) or 'none'}"
+                + _load_note(c.foreign_load)
+            )
         out += ["", "## Scenarios", ""]
     for sc in scenarios:
         out += render_scenario(sc, configs)
@@ -459,8 +465,9 @@ def render_report(
     return "\n".join(out).rstrip() + "\n"
 
 
-def any_failed(configs: list[ConfigResult], mem: MemoryResult | None,
-               start: StartupResult | None) -> bool:
+def any_failed(
+    configs: list[ConfigResult], mem: MemoryResult | None, start: StartupResult | None
+) -> bool:
     scenarios = scenarios_of(configs)
     verdicts = [v for c in configs for v in config_verdicts(c, scenarios)]
     return any(v.ok is False for v in [*verdicts, memory_verdict(mem), startup_verdict(start)])

@@ -59,38 +59,60 @@ class ConfigSpec:
 
 
 CONFIGS = (
-    ConfigSpec("pinned-w1", "(a) pinned: servers on CPU 0, echoload on CPU 1, 1 worker", 1,
-               ("--server-cpus", "0", "--load-cpus", "1")),
+    ConfigSpec(
+        "pinned-w1",
+        "(a) pinned: servers on CPU 0, echoload on CPU 1, 1 worker",
+        1,
+        ("--server-cpus", "0", "--load-cpus", "1"),
+    ),
     ConfigSpec("unpinned-w2", "(b) unpinned, 2 workers", 2, ()),
 )
 
 
 # ------------------------------------------------------------------ command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
-                    help="the bench kit to copy and build (default: ../shared/bench from the repo)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--bench-dir",
+        type=Path,
+        default=REPO.parent / "shared" / "bench",
+        help="the bench kit to copy and build (default: ../shared/bench from the repo)",
+    )
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<time>)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: {QUICK_DURATION:g} s measured + {QUICK_WARMUP:g} s warmup "
-                         "per scenario unless --duration/--warmup say otherwise")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_DURATION:g} s measured + {QUICK_WARMUP:g} s warmup "
+        "per scenario unless --duration/--warmup say otherwise",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario; medians reported")
     ap.add_argument("--duration", type=float, help="measured seconds per run (compare.py: 8)")
     ap.add_argument("--warmup", type=float, help="warmup seconds per run (compare.py: 2)")
     ap.add_argument("--scenarios", default="all", help="comma-separated, see compare.py --list")
-    ap.add_argument("--parts", default="compare,memory,startup",
-                    help="which parts to run (default all: compare,memory,startup)")
-    ap.add_argument("--echod-cmd", default=DEFAULT_ECHOD,
-                    help="echod command template; another server here stands in for echod "
-                         f"(default {DEFAULT_ECHOD!r} + --echod-args)")
-    ap.add_argument("--echod-args", default=DEFAULT_ECHOD_ARGS,
-                    help=f"extra arguments for the default echod command ({DEFAULT_ECHOD_ARGS!r})")
+    ap.add_argument(
+        "--parts",
+        default="compare,memory,startup",
+        help="which parts to run (default all: compare,memory,startup)",
+    )
+    ap.add_argument(
+        "--echod-cmd",
+        default=DEFAULT_ECHOD,
+        help="echod command template; another server here stands in for echod "
+        f"(default {DEFAULT_ECHOD!r} + --echod-args)",
+    )
+    ap.add_argument(
+        "--echod-args",
+        default=DEFAULT_ECHOD_ARGS,
+        help=f"extra arguments for the default echod command ({DEFAULT_ECHOD_ARGS!r})",
+    )
     ap.add_argument("--no-uvloop", action="store_true", help="leave out the uvloop peer")
     ap.add_argument("--mem-cmd", help="server for the idle-memory probe (default echod, 1 worker)")
     ap.add_argument("--mem-conns", type=int, default=5000, help="idle connections (default 5000)")
-    ap.add_argument("--startup-cmd",
-                    help=f"server for the start-up probe (default echod, -w {STARTUP_WORKERS})")
+    ap.add_argument(
+        "--startup-cmd", help=f"server for the start-up probe (default echod, -w {STARTUP_WORKERS})"
+    )
     ap.add_argument("--startup-runs", type=int, default=5, help="start-up samples (default 5)")
     ap.add_argument("--check", action="store_true", help="exit 3 if any target fails")
     a = ap.parse_args(argv)
@@ -151,8 +173,13 @@ def prepare_bench(src: Path, dst: Path) -> None:
     if not (src / "compare.py").is_file():
         raise SystemExit(f"run.py: no compare.py in {src} (see --bench-dir)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=_copy_writable,
-                    ignore=shutil.ignore_patterns("results", "__pycache__", "echoload", "refecho"))
+    shutil.copytree(
+        src,
+        dst,
+        dirs_exist_ok=True,
+        copy_function=_copy_writable,
+        ignore=shutil.ignore_patterns("results", "__pycache__", "echoload", "refecho"),
+    )
     for d, _, _ in os.walk(dst):  # copytree copied the read-only directory modes too
         os.chmod(d, os.stat(d).st_mode | stat.S_IWUSR)
     subprocess.run(["make", "-C", str(dst)], check=True, stdout=sys.stderr)
@@ -176,17 +203,31 @@ def run_compare(
     servers = server_specs(a, spec.workers)
     sub = outdir / spec.key
     sub.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(BUILD / "compare.py"), "--out", str(sub), "--repeat", str(a.repeat),
-           "--duration", str(a.duration), "--warmup", str(a.warmup), "--scenarios", a.scenarios,
-           *spec.compare_flags, *(f"{n}={c}" for n, c in servers)]
+    cmd = [
+        sys.executable,
+        str(BUILD / "compare.py"),
+        "--out",
+        str(sub),
+        "--repeat",
+        str(a.repeat),
+        "--duration",
+        str(a.duration),
+        "--warmup",
+        str(a.warmup),
+        "--scenarios",
+        a.scenarios,
+        *spec.compare_flags,
+        *(f"{n}={c}" for n, c in servers),
+    ]
     nscen = len(rep.SCENARIOS) if a.scenarios == "all" else len(a.scenarios.split(","))
     # compare.py's own worst case: 3 priming runs + every echoload run hitting its timeout
     timeout = len(servers) * a.repeat * (200 + nscen * (a.duration + a.warmup + 130))
     log(f"{spec.key}: compare.py with {', '.join(n for n, _ in servers)}")
     load = procs.ForeignLoad()
     rc = procs.run_supervised(cmd, BUILD, child_env(), timeout, sub / "compare-stdout.md")
-    cfg = rep.build_config(spec.key, spec.title, rep.load_runs(sub / "runs.jsonl"),
-                           [n for n, _ in servers])
+    cfg = rep.build_config(
+        spec.key, spec.title, rep.load_runs(sub / "runs.jsonl"), [n for n, _ in servers]
+    )
     cfg.foreign_load = load.share()
     return cfg, rc
 
@@ -210,8 +251,9 @@ def measure_memory(template: str, conns: int, outdir: Path) -> rep.MemoryResult:
     if not deltas:
         raise RuntimeError("server process tree vanished")
     worker = max(deltas, key=lambda pid: deltas[pid])
-    return rep.MemoryResult(fill(template, 1), conns, alive, worker, deltas[worker],
-                            sum(deltas.values()), len(deltas))
+    return rep.MemoryResult(
+        fill(template, 1), conns, alive, worker, deltas[worker], sum(deltas.values()), len(deltas)
+    )
 
 
 def count_alive(socks: list, deadline: float) -> int:
@@ -238,8 +280,12 @@ def measure_startup(template: str, runs: int, outdir: Path) -> rep.StartupResult
 # ------------------------------------------------------------------ report
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "?"
     except (OSError, subprocess.TimeoutExpired):
         return "?"
@@ -255,22 +301,36 @@ def header(a: argparse.Namespace, problems: list[str]) -> list[str]:
         f"- echod command: `{fill(echod_template(a))}`",
     ]
     if "-m echod" not in echod_template(a):
-        lines.append("- **NOTE: the `echod` rows come from a stand-in server (--echod-cmd), "
-                     "not from echod.**")
+        lines.append(
+            "- **NOTE: the `echod` rows come from a stand-in server (--echod-cmd), "
+            "not from echod.**"
+        )
     lines += [f"- **problem:** {p}" for p in problems]
     return lines
 
 
-def write_outputs(outdir: Path, report: str, configs: list[rep.ConfigResult],
-                  mem: rep.MemoryResult | None, start: rep.StartupResult | None) -> None:
+def write_outputs(
+    outdir: Path,
+    report: str,
+    configs: list[rep.ConfigResult],
+    mem: rep.MemoryResult | None,
+    start: rep.StartupResult | None,
+) -> None:
     (outdir / "report.md").write_text(report)
     scen = rep.scenarios_of(configs)
     verdicts = [v for c in configs for v in rep.config_verdicts(c, scen)]
     verdicts += [rep.memory_verdict(mem), rep.startup_verdict(start)]
-    data = {"verdicts": [asdict(v) for v in verdicts],
-            "memory": asdict(mem) if mem else None,
-            "startup": {"command": start.command, "samples_s": start.samples_s,
-                        "median_s": statistics.median(start.samples_s)} if start else None}
+    data = {
+        "verdicts": [asdict(v) for v in verdicts],
+        "memory": asdict(mem) if mem else None,
+        "startup": {
+            "command": start.command,
+            "samples_s": start.samples_s,
+            "median_s": statistics.median(start.samples_s),
+        }
+        if start
+        else None,
+    }
     (outdir / "verdicts.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -279,8 +339,9 @@ def _sigterm(_signo: int, _frame: object) -> None:
     raise KeyboardInterrupt  # same clean-up path as Ctrl-C
 
 
-def run_parts(a: argparse.Namespace, outdir: Path, problems: list[str]) -> tuple[
-        list[rep.ConfigResult], rep.MemoryResult | None, rep.StartupResult | None]:
+def run_parts(
+    a: argparse.Namespace, outdir: Path, problems: list[str]
+) -> tuple[list[rep.ConfigResult], rep.MemoryResult | None, rep.StartupResult | None]:
     configs, mem, start = [], None, None
     if "compare" in a.parts:
         for spec in CONFIGS:
@@ -288,9 +349,12 @@ def run_parts(a: argparse.Namespace, outdir: Path, problems: list[str]) -> tuple
             configs.append(cfg)
             if rc != 0:
                 problems.append(f"compare.py ({spec.key}) exited {rc} (1 = a data mismatch)")
-            problems += [f"{spec.key}: no results from `{name}` (did it start? see "
-                         f"{outdir / spec.key / f'server-{name}.log'})"
-                         for name in cfg.servers if name not in cfg.stats]
+            problems += [
+                f"{spec.key}: no results from `{name}` (did it start? see "
+                f"{outdir / spec.key / f'server-{name}.log'})"
+                for name in cfg.servers
+                if name not in cfg.stats
+            ]
     if "memory" in a.parts:
         log(f"idle memory: {a.mem_conns} connections")
         try:

@@ -60,7 +60,7 @@ def parse_address(text: str) -> Address:
     if not text:
         raise ValueError("empty address")
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
+        path = text[len("unix:") :]
         if path.startswith("//"):
             path = path[2:]  # tolerate unix://PATH
         if not path:
@@ -69,7 +69,7 @@ def parse_address(text: str) -> Address:
             raise ValueError(f"{text!r}: unix socket path longer than {UNIX_PATH_MAX} bytes")
         return Address(Transport.UNIX, path=path)
     if text.startswith("fd://"):
-        number = text[len("fd://"):]
+        number = text[len("fd://") :]
         if not number.isdigit():
             raise ValueError(f"{text!r}: expected fd://N with N a file descriptor number")
         return Address(Transport.FD, fd=int(number))
@@ -77,7 +77,7 @@ def parse_address(text: str) -> Address:
     rest = text
     for scheme, kind in (("udp://", Transport.UDP), ("tcp://", Transport.TCP)):
         if text.startswith(scheme):
-            transport, rest = kind, text[len(scheme):]
+            transport, rest = kind, text[len(scheme) :]
             break
     host, port = _split_host_port(text, rest)
     return Address(transport, host=host, port=port)
@@ -96,8 +96,10 @@ def _split_host_port(original: str, text: str) -> tuple[str, int]:
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise ValueError(f"{original!r}: expected HOST:PORT, [IPV6]:PORT, unix:PATH, "
-                             "udp://HOST:PORT or fd://N")
+            raise ValueError(
+                f"{original!r}: expected HOST:PORT, [IPV6]:PORT, unix:PATH, "
+                "udp://HOST:PORT or fd://N"
+            )
         if ":" in host:
             raise ValueError(f"{original!r}: IPv6 addresses need brackets, as in [::1]:7007")
         if not host:

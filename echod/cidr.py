@@ -74,8 +74,7 @@ class NetworkSet:
             network = parse_network(item) if isinstance(item, str) else item
             bits = network.max_prefixlen
             shift = bits - network.prefixlen
-            by_family[bits].setdefault(shift, set()).add(
-                int(network.network_address) >> shift)
+            by_family[bits].setdefault(shift, set()).add(int(network.network_address) >> shift)
             count += 1
         self._count = count
         self._tables: dict[int, tuple[tuple[int, frozenset[int]], ...]] = {

@@ -37,8 +37,18 @@ log = logging.getLogger("echod")
 USAGE = "echod [-F] [-c PATH] [-b ADDR]... [-w N] [options]  (echod --help for all)"
 
 # flag destination -> config key; None means "not given", so lower layers apply
-CLI_KEYS = ("bind", "workers", "runtime_dir", "pidfile", "user", "group", "log_level",
-            "log_file", "log_format", "access_log")
+CLI_KEYS = (
+    "bind",
+    "workers",
+    "runtime_dir",
+    "pidfile",
+    "user",
+    "group",
+    "log_level",
+    "log_file",
+    "log_format",
+    "access_log",
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,17 +65,30 @@ def build_parser() -> ArgumentParser:
         usage=USAGE,
         description="A pre-fork TCP/UDP echo server (RFC 862).",
         epilog="Signals to the master: TERM graceful stop, INT/QUIT fast stop, HUP reload, "
-               "TTIN/TTOU one worker more/less, USR1 reopen logs, USR2 in-place upgrade.",
+        "TTIN/TTOU one worker more/less, USR1 reopen logs, USR2 in-place upgrade.",
     )
     add = parser.add_argument
-    add("-c", "--config", metavar="PATH",
-        help="TOML config file (default: $ECHOD_CONFIG, else built-in defaults)")
-    add("-b", "--bind", metavar="ADDR", action="append",
+    add(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="TOML config file (default: $ECHOD_CONFIG, else built-in defaults)",
+    )
+    add(
+        "-b",
+        "--bind",
+        metavar="ADDR",
+        action="append",
         help="listen address: HOST:PORT, [V6]:PORT, unix:PATH, udp://HOST:PORT or fd://N "
-             "(repeatable; replaces the config's list; default 127.0.0.1:7007)")
+        "(repeatable; replaces the config's list; default 127.0.0.1:7007)",
+    )
     add("-w", "--workers", metavar="N", type=_integer, help="worker processes (default: CPUs)")
-    add("-F", "--foreground", action="store_true",
-        help="stay attached; log to stderr unless --log-file")
+    add(
+        "-F",
+        "--foreground",
+        action="store_true",
+        help="stay attached; log to stderr unless --log-file",
+    )
     add("--runtime-dir", metavar="DIR", help="pidfile and scoreboard directory")
     add("--pidfile", metavar="PATH", help="pidfile (default: RUNTIME_DIR/echod.pid)")
     add("--user", metavar="USER", help="drop privileges to USER after binding (root only)")
@@ -74,8 +97,12 @@ def build_parser() -> ArgumentParser:
     add("--log-file", metavar="PATH")
     add("--log-format", choices=LOG_FORMATS)
     add("--access-log", metavar="PATH", help='one line per finished connection ("-" = stderr)')
-    add("-t", "--check-config", action="store_true",
-        help="validate the configuration, print 'configuration OK' and exit")
+    add(
+        "-t",
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print 'configuration OK' and exit",
+    )
     add("--print-config", action="store_true", help="print the effective configuration as TOML")
     add("--version", action="version", version=f"echod {installed_version()}")
     return parser
@@ -102,8 +129,7 @@ class ConfigSource:
     def from_args(cls, args: argparse.Namespace) -> ConfigSource:
         """Paths made absolute now: a daemon re-reads them later from /."""
         path = args.config or os.environ.get(CONFIG_ENV) or None
-        return cls(os.path.abspath(path) if path else None,
-                   absolute_paths(cli_overrides(args)))
+        return cls(os.path.abspath(path) if path else None, absolute_paths(cli_overrides(args)))
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,12 +44,14 @@ def _non_negative(value: float) -> str | None:
 def _between(low: int, high: int) -> Callable[[int], str | None]:
     def check(value: int) -> str | None:
         return None if low <= value <= high else f"must be between {low} and {high}"
+
     return check
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
+
     return check
 
 
@@ -65,7 +67,7 @@ def _binds(value: tuple[str, ...]) -> str | None:
 
 
 def _http_bind(value: str) -> str | None:
-    """"" (off) or a TCP HOST:PORT / [V6]:PORT for the metrics endpoint."""
+    """ "" (off) or a TCP HOST:PORT / [V6]:PORT for the metrics endpoint."""
     if not value:
         return None
     try:
@@ -73,7 +75,7 @@ def _http_bind(value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     if address.transport is not Transport.TCP:
-        return "must be a TCP HOST:PORT or [V6ADDR]:PORT (or \"\" for off)"
+        return 'must be a TCP HOST:PORT or [V6ADDR]:PORT (or "" for off)'
     return None
 
 
@@ -181,7 +183,8 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list | tuple) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise ConfigError(f"{origin}: {name} must be a list of integers, not {value!r}")
         value = tuple(value)
     elif kind is list:
@@ -234,8 +237,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     for name, value in data.items():
         if isinstance(value, dict):
-            raise ConfigError(f"{path}: unexpected table [{name}]{suggest_key(name)}; "
-                              "all keys are top level")
+            raise ConfigError(
+                f"{path}: unexpected table [{name}]{suggest_key(name)}; all keys are top level"
+            )
     return data
 
 
@@ -244,7 +248,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for var, text in environ.items():
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
-        name = var[len(ENV_PREFIX):].lower()
+        name = var[len(ENV_PREFIX) :].lower()
         if name not in KEYS:
             raise ConfigError(f"environment: unknown variable {var}{suggest_key(name)}")
         overrides[name] = parse_env_value(name, text)
@@ -262,8 +266,11 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
             values[key] = os.path.abspath(value)
     if "bind" in values:
         values["bind"] = tuple(
-            f"unix:{os.path.abspath(text[5:])}" if text.startswith("unix:")
-            and not text.startswith("unix://") else text for text in values["bind"])
+            f"unix:{os.path.abspath(text[5:])}"
+            if text.startswith("unix:") and not text.startswith("unix://")
+            else text
+            for text in values["bind"]
+        )
     return values
 
 

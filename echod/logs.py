@@ -66,8 +66,10 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{_PRIORITY.get(record.levelname, 6)}>" if self.journald else ""
         stamp = "" if self.journald else _timestamp(record) + " "
-        line = (f"{prefix}{stamp}{record.levelname:<7} [{role.name} {record.process}] "
-                f"{record.getMessage()}")
+        line = (
+            f"{prefix}{stamp}{record.levelname:<7} [{role.name} {record.process}] "
+            f"{record.getMessage()}"
+        )
         extra = _fields(record)
         if extra:
             line += " " + " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items())
@@ -126,8 +128,9 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
-def setup_logging(level: str = "info", log_file: str = "", log_format: str = "text",
-                  access_log_path: str = "") -> None:
+def setup_logging(
+    level: str = "info", log_file: str = "", log_format: str = "text", access_log_path: str = ""
+) -> None:
     """Replace echod's handlers: stderr (default) or a file, in the chosen format; and the
     access log's ("" = off, "-" = stderr), in the same format.
 
@@ -208,8 +211,12 @@ def report_stack_dump(directory: str, pid: int, who: str) -> None:
     except OSError:
         return
     if text.strip():
-        log.error("%s (pid %d) was aborted; its stacks follow", who, pid,
-                  extra={"fields": {"stack": text.rstrip()}})
+        log.error(
+            "%s (pid %d) was aborted; its stacks follow",
+            who,
+            pid,
+            extra={"fields": {"stack": text.rstrip()}},
+        )
 
 
 def log_file_descriptors() -> list[int]:
@@ -249,8 +256,14 @@ class RateLimitedLog:
     max_keys: int = 64
     windows: dict[str, _Window] = field(default_factory=dict)
 
-    def log(self, level: int, msg: str, *args: Any, key: str | None = None,
-            fields: dict[str, Any] | None = None) -> bool:
+    def log(
+        self,
+        level: int,
+        msg: str,
+        *args: Any,
+        key: str | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
         """Log unless suppressed; return whether a line was written."""
         now = self.clock()
         key = msg if key is None else key
@@ -282,8 +295,9 @@ class RateLimitedLog:
             else:
                 del self.windows[key]
 
-    def _emit(self, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any],
-              suppressed: int) -> None:
+    def _emit(
+        self, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any], suppressed: int
+    ) -> None:
         if suppressed:
             extra["suppressed"] = suppressed
         self.logger.log(level, msg, *args, extra={"fields": extra} if extra else None)

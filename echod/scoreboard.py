@@ -166,9 +166,12 @@ class Snapshot(NamedTuple):
         The one place totals are added up: from a snapshot, a total never goes
         backwards, even while the master folds a reaped worker's counts in.
         """
-        return [sum(column) for column in zip(self.master.retired,
-                                              *(slot.counters for slot in self.slots),
-                                              strict=True)]
+        return [
+            sum(column)
+            for column in zip(
+                self.master.retired, *(slot.counters for slot in self.slots), strict=True
+            )
+        ]
 
 
 class Scoreboard:
@@ -189,9 +192,14 @@ class Scoreboard:
         finally:
             os.close(fd)
         board = cls(path, buffer)
-        board._write_header(master_pid=os.getpid(), generation=0, code_started=0.0,
-                            master_started=time.time(), version="",
-                            retired=(0,) * NUM_COUNTERS)
+        board._write_header(
+            master_pid=os.getpid(),
+            generation=0,
+            code_started=0.0,
+            master_started=time.time(),
+            version="",
+            retired=(0,) * NUM_COUNTERS,
+        )
         return board
 
     @classmethod
@@ -223,19 +231,40 @@ class Scoreboard:
             logging.getLogger("echod").warning("cannot remove %s: %s", self.path, exc.strerror)
 
     # -- master-wide header -----------------------------------------------------
-    def _write_header(self, *, master_pid: int, generation: int, code_started: float,
-                      master_started: float, version: str, retired: tuple[int, ...]) -> None:
-        _HEADER.pack_into(self.buffer, 0, MAGIC, master_pid, generation, MAX_SLOTS,
-                          code_started, master_started, version.encode()[:32], *retired)
+    def _write_header(
+        self,
+        *,
+        master_pid: int,
+        generation: int,
+        code_started: float,
+        master_started: float,
+        version: str,
+        retired: tuple[int, ...],
+    ) -> None:
+        _HEADER.pack_into(
+            self.buffer,
+            0,
+            MAGIC,
+            master_pid,
+            generation,
+            MAX_SLOTS,
+            code_started,
+            master_started,
+            version.encode()[:32],
+            *retired,
+        )
 
     def master(self) -> MasterView:
         fields = _HEADER.unpack_from(self.buffer, 0)
-        return MasterView(pid=fields[1], generation=fields[2], code_started=fields[4],
-                          master_started=fields[5],
-                          version=fields[6].rstrip(b"\0").decode(errors="replace"),
-                          retired=tuple(fields[7:]),
-                          events=_MASTER_COUNTERS.unpack_from(self.buffer,
-                                                              _MASTER_COUNTERS_OFFSET))
+        return MasterView(
+            pid=fields[1],
+            generation=fields[2],
+            code_started=fields[4],
+            master_started=fields[5],
+            version=fields[6].rstrip(b"\0").decode(errors="replace"),
+            retired=tuple(fields[7:]),
+            events=_MASTER_COUNTERS.unpack_from(self.buffer, _MASTER_COUNTERS_OFFSET),
+        )
 
     def count_event(self, which: MasterCounter, amount: int = 1) -> None:
         offset = _MASTER_COUNTERS_OFFSET + 8 * which
@@ -244,9 +273,14 @@ class Scoreboard:
 
     def set_master(self, *, pid: int, generation: int, code_started: float, version: str) -> None:
         view = self.master()
-        self._write_header(master_pid=pid, generation=generation, code_started=code_started,
-                           master_started=view.master_started, version=version,
-                           retired=view.retired)
+        self._write_header(
+            master_pid=pid,
+            generation=generation,
+            code_started=code_started,
+            master_started=view.master_started,
+            version=version,
+            retired=view.retired,
+        )
 
     def fold_into_retired(self, index: int) -> None:
         """Keep a reaped worker's totals so that counters survive restarts.
@@ -259,11 +293,17 @@ class Scoreboard:
         view = self.master()
         slot = self.slot(index)
         retired = tuple(a + b for a, b in zip(view.retired, slot.counters, strict=True))
-        self._write_header(master_pid=view.pid, generation=view.generation,
-                           code_started=view.code_started, master_started=view.master_started,
-                           version=view.version, retired=retired)
-        _COUNTERS.pack_into(self.buffer, self._offset(index) + _SLOT_HEAD.size,
-                            *((0,) * NUM_COUNTERS))
+        self._write_header(
+            master_pid=view.pid,
+            generation=view.generation,
+            code_started=view.code_started,
+            master_started=view.master_started,
+            version=view.version,
+            retired=retired,
+        )
+        _COUNTERS.pack_into(
+            self.buffer, self._offset(index) + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS)
+        )
         _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 2)
 
     def _fold_sequence(self) -> int:
@@ -287,11 +327,13 @@ class Scoreboard:
 
     def slot(self, index: int) -> SlotView:
         offset = self._offset(index)
-        pid, generation, state, worker_id, started, heartbeat, active = \
-            _SLOT_HEAD.unpack_from(self.buffer, offset)
+        pid, generation, state, worker_id, started, heartbeat, active = _SLOT_HEAD.unpack_from(
+            self.buffer, offset
+        )
         counters = _COUNTERS.unpack_from(self.buffer, offset + _SLOT_HEAD.size)
-        return SlotView(index, pid, generation, State(state), worker_id, started, heartbeat,
-                        active, counters)
+        return SlotView(
+            index, pid, generation, State(state), worker_id, started, heartbeat, active, counters
+        )
 
     def slots(self) -> list[SlotView]:
         """Every slot in use."""
@@ -303,8 +345,17 @@ class Scoreboard:
 
     def claim(self, index: int, *, pid: int, generation: int, worker_id: int) -> None:
         offset = self._offset(index)
-        _SLOT_HEAD.pack_into(self.buffer, offset, pid, generation, State.BOOTING, worker_id,
-                             time.time(), time.monotonic(), 0)
+        _SLOT_HEAD.pack_into(
+            self.buffer,
+            offset,
+            pid,
+            generation,
+            State.BOOTING,
+            worker_id,
+            time.time(),
+            time.monotonic(),
+            0,
+        )
         _COUNTERS.pack_into(self.buffer, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
         self._bump_roster()
 
@@ -312,7 +363,7 @@ class Scoreboard:
         struct.pack_into("<i", self.buffer, self._offset(index), pid)
 
     def release(self, index: int) -> None:
-        self.buffer[self._offset(index):self._offset(index) + SLOT_SIZE] = bytes(SLOT_SIZE)
+        self.buffer[self._offset(index) : self._offset(index) + SLOT_SIZE] = bytes(SLOT_SIZE)
         self._bump_roster()
 
     def _bump_roster(self) -> None:

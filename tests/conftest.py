@@ -35,10 +35,16 @@ def start_echod(runtime_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ech
     """Start the real server: start_echod("-w", "2", config={...}, wait=True)."""
     started: list[EchodProcess] = []
 
-    def start(*args: str, config: dict[str, Any] | str | None = None, workers: int = 1,
-              bind: list[str] | None = None, env: dict[str, str] | None = None,
-              wait: bool = True, foreground: bool = True,
-              nofile: int | None = None) -> EchodProcess:
+    def start(
+        *args: str,
+        config: dict[str, Any] | str | None = None,
+        workers: int = 1,
+        bind: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        foreground: bool = True,
+        nofile: int | None = None,
+    ) -> EchodProcess:
         argv = echod_command()
         if foreground:
             argv.append("-F")
@@ -49,8 +55,11 @@ def start_echod(runtime_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ech
             argv += ["-c", str(path)]
         if not any(a in ("-w", "--workers") for a in args) and workers:
             argv += ["-w", str(workers)]
-        if bind is None and not any(a in ("-b", "--bind") for a in args) and not (
-                isinstance(config, dict) and "bind" in config):
+        if (
+            bind is None
+            and not any(a in ("-b", "--bind") for a in args)
+            and not (isinstance(config, dict) and "bind" in config)
+        ):
             bind = ["127.0.0.1:0"]
         for address in bind or []:
             argv += ["-b", address]

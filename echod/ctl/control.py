@@ -37,34 +37,76 @@ Command = tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]
 def add_parsers(subparsers: Any) -> list[Command]:
     commands: list[Command] = []
 
-    def verb(name: str, help_text: str, run: Callable[[argparse.Namespace], int],
-             examples: str, timeout: float = 60.0) -> argparse.ArgumentParser:
+    def verb(
+        name: str,
+        help_text: str,
+        run: Callable[[argparse.Namespace], int],
+        examples: str,
+        timeout: float = 60.0,
+    ) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(
-            name, help=help_text, description=help_text + ". Exits 0 once the effect is "
+            name,
+            help=help_text,
+            description=help_text + ". Exits 0 once the effect is "
             "visible, 1 if it failed or did not show within --timeout, 3 if echod is not "
-            "running.", epilog="examples:\n" + examples,
-            formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--timeout", type=float, default=timeout, metavar="S",
-                            help=f"how long to wait for the effect (default {timeout:g} s)")
+            "running.",
+            epilog="examples:\n" + examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=timeout,
+            metavar="S",
+            help=f"how long to wait for the effect (default {timeout:g} s)",
+        )
         commands.append((parser, run))
         return parser
 
-    reload = verb("reload", "re-read the configuration (HUP) and replace the workers",
-                  run_reload, "  echoctl reload\n  echoctl reload --no-wait\n")
-    reload.add_argument("--wait", dest="wait", action="store_true", default=True,
-                        help="wait until the new generation serves (the default)")
-    reload.add_argument("--no-wait", dest="wait", action="store_false",
-                        help="send the signal and return")
-    stop = verb("stop", "stop echod: graceful (TERM) or --fast (QUIT)", run_stop,
-                "  echoctl stop\n  echoctl stop --fast\n", timeout=120.0)
+    reload = verb(
+        "reload",
+        "re-read the configuration (HUP) and replace the workers",
+        run_reload,
+        "  echoctl reload\n  echoctl reload --no-wait\n",
+    )
+    reload.add_argument(
+        "--wait",
+        dest="wait",
+        action="store_true",
+        default=True,
+        help="wait until the new generation serves (the default)",
+    )
+    reload.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="send the signal and return"
+    )
+    stop = verb(
+        "stop",
+        "stop echod: graceful (TERM) or --fast (QUIT)",
+        run_stop,
+        "  echoctl stop\n  echoctl stop --fast\n",
+        timeout=120.0,
+    )
     stop.add_argument("--fast", action="store_true", help="close connections now")
-    scale = verb("scale", "set the number of workers (TTIN/TTOU, one at a time)", run_scale,
-                 "  echoctl scale 4\n")
+    scale = verb(
+        "scale",
+        "set the number of workers (TTIN/TTOU, one at a time)",
+        run_scale,
+        "  echoctl scale 4\n",
+    )
     scale.add_argument("count", type=int, metavar="N", help="workers wanted (1 or more)")
-    verb("reopen-logs", "reopen log files after logrotate moved them (USR1)",
-         run_reopen_logs, "  mv echod.log echod.log.1 && echoctl reopen-logs\n")
-    verb("upgrade", "upgrade in place (USR2): same pid, new code, new workers", run_upgrade,
-         "  pip install -U echod && echoctl upgrade\n", timeout=120.0)
+    verb(
+        "reopen-logs",
+        "reopen log files after logrotate moved them (USR1)",
+        run_reopen_logs,
+        "  mv echod.log echod.log.1 && echoctl reopen-logs\n",
+    )
+    verb(
+        "upgrade",
+        "upgrade in place (USR2): same pid, new code, new workers",
+        run_upgrade,
+        "  pip install -U echod && echoctl upgrade\n",
+        timeout=120.0,
+    )
     return commands
 
 
@@ -95,15 +137,17 @@ def _events(master: RunningMaster) -> tuple[int, ...]:
 
 def _current_workers(master: RunningMaster) -> int:
     generation = master.scoreboard.master().generation
-    return sum(1 for slot in master.scoreboard.slots()
-               if slot.generation == generation and slot.state in SERVING_STATES)
+    return sum(
+        1
+        for slot in master.scoreboard.slots()
+        if slot.generation == generation and slot.state in SERVING_STATES
+    )
 
 
 def _generation_serving(master: RunningMaster, generation: int) -> int | None:
     """Workers of `generation` once all of them serve and none still boots."""
     slots = [s for s in master.scoreboard.slots() if s.generation == generation]
-    if slots and all(s.state in (State.READY, State.RETIRING, State.DRAINING)
-                     for s in slots):
+    if slots and all(s.state in (State.READY, State.RETIRING, State.DRAINING) for s in slots):
         return sum(1 for s in slots if s.state != State.DRAINING)
     return None
 
@@ -129,11 +173,14 @@ def run_reload(args: argparse.Namespace) -> int:
     except Timeout:
         return _fail(f"reload not complete after {args.timeout:g}s (pid {master.pid})")
     if result == "failed":
-        return _fail("reload failed: the configuration did not load; the running one "
-                     "stays in effect (see echod's log)")
+        return _fail(
+            "reload failed: the configuration did not load; the running one "
+            "stays in effect (see echod's log)"
+        )
     view = master.scoreboard.master()
-    print(f"reloaded: generation {view.generation} serving with "
-          f"{_current_workers(master)} worker(s)")
+    print(
+        f"reloaded: generation {view.generation} serving with {_current_workers(master)} worker(s)"
+    )
     return exitcodes.OK
 
 
@@ -200,8 +247,10 @@ def run_upgrade(args: argparse.Namespace) -> int:
     except Timeout:
         return _fail(f"upgrade not complete after {args.timeout:g}s (pid {master.pid})")
     if result == "failed":
-        return _fail("upgrade aborted: the pre-flight check failed; everything keeps "
-                     "running as it was (see echod's log)")
+        return _fail(
+            "upgrade aborted: the pre-flight check failed; everything keeps "
+            "running as it was (see echod's log)"
+        )
     if result == "died":
         return _fail(f"echod (pid {master.pid}) died during the upgrade")
     view = master.scoreboard.master()
@@ -209,6 +258,8 @@ def run_upgrade(args: argparse.Namespace) -> int:
         same_pid = psutil.Process(master.pid).is_running()
     except psutil.Error:
         same_pid = False
-    print(f"upgraded in place: pid {view.pid}{'' if same_pid else ' (gone?)'}, "
-          f"echod {view.version}, generation {view.generation}")
+    print(
+        f"upgraded in place: pid {view.pid}{'' if same_pid else ' (gone?)'}, "
+        f"echod {view.version}, generation {view.generation}"
+    )
     return exitcodes.OK

@@ -67,8 +67,10 @@ def build_parser() -> options.CtlArgumentParser:
     return parser
 
 
-def _commands_of(module: ModuleType, subparsers: argparse._SubParsersAction[Any],
-                 ) -> list[tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]]:
+def _commands_of(
+    module: ModuleType,
+    subparsers: argparse._SubParsersAction[Any],
+) -> list[tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]]:
     """A module adds one subcommand (add_parser + run) or several (add_parsers)."""
     if hasattr(module, "add_parsers"):
         return list(module.add_parsers(subparsers))

@@ -153,4 +153,3 @@ def _parse_float(text: str) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return number
-

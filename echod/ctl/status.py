@@ -58,10 +58,13 @@ class MasterStatus:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "status", help="show the running master and its workers",
+        "status",
+        help="show the running master and its workers",
         description="Show the running echod master and a table of its workers "
-                    "(exit 0 running, 1 stale pidfile, 3 not running).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(exit 0 running, 1 stale pidfile, 3 not running).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="one JSON document")
     return parser
 
@@ -75,19 +78,32 @@ def run(args: argparse.Namespace) -> int:
     cpu = _sample_cpu(processes)
     now_wall, now_mono = time.time(), time.monotonic()
     master_status = MasterStatus(
-        pid=master.pid, version=view.version, code_started=_iso(view.code_started),
-        started=_iso(view.master_started), uptime_s=round(now_wall - view.master_started, 1),
-        generation=view.generation, cpu_percent=cpu.get(master.pid, 0.0),
-        rss_bytes=_rss(processes.get(master.pid)))
-    workers = [_worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0),
-                              now_wall, now_mono) for slot in sorted(slots,
-                                                                     key=lambda s: s.worker_id)]
+        pid=master.pid,
+        version=view.version,
+        code_started=_iso(view.code_started),
+        started=_iso(view.master_started),
+        uptime_s=round(now_wall - view.master_started, 1),
+        generation=view.generation,
+        cpu_percent=cpu.get(master.pid, 0.0),
+        rss_bytes=_rss(processes.get(master.pid)),
+    )
+    workers = [
+        _worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0), now_wall, now_mono)
+        for slot in sorted(slots, key=lambda s: s.worker_id)
+    ]
     totals: dict[str, float] = dict(_totals(snapshot.totals(), slots))
     totals["spread_max_over_fair"] = _share_out(workers)
     if args.json:
-        print(json.dumps({"master": asdict(master_status),
-                          "workers": [asdict(w) for w in workers],
-                          "totals": totals}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "master": asdict(master_status),
+                    "workers": [asdict(w) for w in workers],
+                    "totals": totals,
+                },
+                indent=2,
+            )
+        )
     else:
         print(_render(master_status, workers, totals))
     return 0
@@ -115,8 +131,7 @@ def _sample_cpu(processes: dict[int, psutil.Process | None]) -> dict[int, float]
         process = processes[pid]
         assert process is not None
         try:
-            usage[pid] = round(100 * (sum(process.cpu_times()[:2]) - start)
-                               / CPU_SAMPLE_SECONDS, 1)
+            usage[pid] = round(100 * (sum(process.cpu_times()[:2]) - start) / CPU_SAMPLE_SECONDS, 1)
         except psutil.Error:
             pass
     return usage
@@ -136,15 +151,25 @@ def _uss(process: psutil.Process | None) -> int:
         return 0
 
 
-def _worker_status(slot: SlotView, process: psutil.Process | None, cpu: float,
-                   now_wall: float, now_mono: float) -> WorkerStatus:
+def _worker_status(
+    slot: SlotView, process: psutil.Process | None, cpu: float, now_wall: float, now_mono: float
+) -> WorkerStatus:
     return WorkerStatus(
-        worker=slot.worker_id, pid=slot.pid, generation=slot.generation,
-        state=slot.state.name.lower(), uptime_s=round(now_wall - slot.started, 1),
-        cpu_percent=cpu, rss_bytes=_rss(process), uss_bytes=_uss(process),
-        connections=slot.active, share=0.0, accepted=slot.counter(Counter.ACCEPTED),
-        bytes_in=slot.counter(Counter.BYTES_IN), bytes_out=slot.counter(Counter.BYTES_OUT),
-        heartbeat_age_s=round(max(0.0, now_mono - slot.heartbeat), 1))
+        worker=slot.worker_id,
+        pid=slot.pid,
+        generation=slot.generation,
+        state=slot.state.name.lower(),
+        uptime_s=round(now_wall - slot.started, 1),
+        cpu_percent=cpu,
+        rss_bytes=_rss(process),
+        uss_bytes=_uss(process),
+        connections=slot.active,
+        share=0.0,
+        accepted=slot.counter(Counter.ACCEPTED),
+        bytes_in=slot.counter(Counter.BYTES_IN),
+        bytes_out=slot.counter(Counter.BYTES_OUT),
+        heartbeat_age_s=round(max(0.0, now_mono - slot.heartbeat), 1),
+    )
 
 
 def _share_out(workers: list[WorkerStatus]) -> float:
@@ -160,8 +185,12 @@ def _share_out(workers: list[WorkerStatus]) -> float:
 
 
 def _totals(counters: list[int], slots: list[SlotView]) -> dict[str, int]:
-    return {"connections": counters[Counter.ACCEPTED], "active": sum(s.active for s in slots),
-            "bytes_in": counters[Counter.BYTES_IN], "bytes_out": counters[Counter.BYTES_OUT]}
+    return {
+        "connections": counters[Counter.ACCEPTED],
+        "active": sum(s.active for s in slots),
+        "bytes_in": counters[Counter.BYTES_IN],
+        "bytes_out": counters[Counter.BYTES_OUT],
+    }
 
 
 def _iso(timestamp: float) -> str:
@@ -192,8 +221,7 @@ def human_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _render(master: MasterStatus, workers: list[WorkerStatus],
-            totals: dict[str, float]) -> str:
+def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str, float]) -> str:
     lines = [
         f"echod {master.version} running: master pid {master.pid}, generation "
         f"{master.generation}, up {human_duration(master.uptime_s)} (since {master.started})",
@@ -203,20 +231,51 @@ def _render(master: MasterStatus, workers: list[WorkerStatus],
         f"{totals['connections']} connections, {human_bytes(totals['bytes_in'])} in, "
         f"{human_bytes(totals['bytes_out'])} out",
         f"spread: busiest worker holds {totals['spread_max_over_fair']:.2f} x its fair share "
-        "of open connections (1.00 = even)" if totals["spread_max_over_fair"] else
-        "spread: no open connections",
+        "of open connections (1.00 = even)"
+        if totals["spread_max_over_fair"]
+        else "spread: no open connections",
         "",
     ]
-    header = ("WORKER", "PID", "GEN", "STATE", "UPTIME", "CPU%", "RSS", "USS", "CONNS",
-              "SHARE", "ACCEPTED", "IN", "OUT", "HEARTBEAT")
-    rows = [header] + [(
-        str(w.worker), str(w.pid), str(w.generation), w.state, human_duration(w.uptime_s),
-        f"{w.cpu_percent:.1f}", human_bytes(w.rss_bytes), human_bytes(w.uss_bytes),
-        str(w.connections), f"{100 * w.share:.0f}%", str(w.accepted), human_bytes(w.bytes_in),
-        human_bytes(w.bytes_out), f"{w.heartbeat_age_s:.1f}s ago") for w in workers]
+    header = (
+        "WORKER",
+        "PID",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "CPU%",
+        "RSS",
+        "USS",
+        "CONNS",
+        "SHARE",
+        "ACCEPTED",
+        "IN",
+        "OUT",
+        "HEARTBEAT",
+    )
+    rows = [header] + [
+        (
+            str(w.worker),
+            str(w.pid),
+            str(w.generation),
+            w.state,
+            human_duration(w.uptime_s),
+            f"{w.cpu_percent:.1f}",
+            human_bytes(w.rss_bytes),
+            human_bytes(w.uss_bytes),
+            str(w.connections),
+            f"{100 * w.share:.0f}%",
+            str(w.accepted),
+            human_bytes(w.bytes_in),
+            human_bytes(w.bytes_out),
+            f"{w.heartbeat_age_s:.1f}s ago",
+        )
+        for w in workers
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        cells = [cell.ljust(width) if i == 3 else cell.rjust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            cell.ljust(width) if i == 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)

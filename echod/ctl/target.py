@@ -62,11 +62,14 @@ def find_master(args: argparse.Namespace) -> RunningMaster:
     if pid is None and not os.path.exists(path):
         raise NotRunning(f"echod is not running (no pidfile {path})")
     if pid is None or not is_locked(path) or not psutil.pid_exists(pid):
-        raise NotRunning(f"echod is not running, but its pidfile {path} remains "
-                         f"(pid {pid or '?'} is gone)", stale=True)
+        raise NotRunning(
+            f"echod is not running, but its pidfile {path} remains (pid {pid or '?'} is gone)",
+            stale=True,
+        )
     try:
         scoreboard = Scoreboard.attach(scoreboard_path(path), writable=False)
     except (OSError, ValueError) as exc:
-        raise EchodError(f"echod (pid {pid}) runs, but its scoreboard is unreadable: "
-                         f"{exc}") from None
+        raise EchodError(
+            f"echod (pid {pid}) runs, but its scoreboard is unreadable: {exc}"
+        ) from None
     return RunningMaster(pid, path, scoreboard)

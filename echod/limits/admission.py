@@ -50,15 +50,22 @@ def address_policy(config: Config) -> AddressPolicy | None:
 
 
 def tcp_limits_configured(config: Config) -> bool:
-    return bool(config.allow or config.deny or config.max_connections_per_ip
-                or config.max_connections_total)
+    return bool(
+        config.allow or config.deny or config.max_connections_per_ip or config.max_connections_total
+    )
 
 
 class AdmissionGate:
     """Decides at accept whether a TCP client may stay; counts what it refuses."""
 
-    def __init__(self, config: Config, table: ConnectionTable, worker_slot: int,
-                 counters: list[int], policy: AddressPolicy | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        table: ConnectionTable,
+        worker_slot: int,
+        counters: list[int],
+        policy: AddressPolicy | None,
+    ) -> None:
         self.policy = policy
         self.table = table
         self.worker_slot = worker_slot
@@ -85,9 +92,11 @@ class AdmissionGate:
             self.counters[Counter.REJECTED_PER_IP] += 1
             if ticket == conntrack.REJECT_TABLE_FULL:
                 self.table_full_log.log(
-                    logging.WARNING, "max_connections_per_ip: too many distinct clients "
+                    logging.WARNING,
+                    "max_connections_per_ip: too many distinct clients "
                     "connected at once (table of %d); refusing new clients until some leave",
-                    conntrack.ENTRIES)
+                    conntrack.ENTRIES,
+                )
         return REJECTED
 
     def release(self, ticket: int) -> None:

@@ -74,7 +74,7 @@ class ConnectionTable:
         self.fd = fd
         self.buffer = buffer
         view = memoryview(buffer)
-        self._grand_total = view[_GRAND_TOTAL_OFFSET:_GRAND_TOTAL_OFFSET + 4].cast("I")
+        self._grand_total = view[_GRAND_TOTAL_OFFSET : _GRAND_TOTAL_OFFSET + 4].cast("I")
         self._worker_totals = view[_WORKER_TOTALS_OFFSET:_KEYS_OFFSET].cast("I")
         self._client_totals = view[_CLIENT_TOTALS_OFFSET:_ROWS_OFFSET].cast("I")
         self._rows = view[_ROWS_OFFSET:TABLE_SIZE].cast("H")
@@ -93,8 +93,9 @@ class ConnectionTable:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
 
     # -- workers ---------------------------------------------------------------------------
-    def acquire(self, worker: int, key: bytes | None, per_client_limit: int,
-                total_limit: int) -> int:
+    def acquire(
+        self, worker: int, key: bytes | None, per_client_limit: int, total_limit: int
+    ) -> int:
         """Count one connection of `worker` from client `key` (None: no per-client limit).
         Returns its place (>= 0) or COUNTED, to hand back to release(); or REJECT_*."""
         self._lock()
@@ -144,11 +145,11 @@ class ConnectionTable:
         if found >= 0:
             return (found - _KEYS_OFFSET) // KEY_SIZE
         try:
-            place = home + self._client_totals[home:home + PROBES].tolist().index(0)
+            place = home + self._client_totals[home : home + PROBES].tolist().index(0)
         except ValueError:
             return -1
         offset = _KEYS_OFFSET + place * KEY_SIZE
-        self.buffer[offset:offset + KEY_SIZE] = key
+        self.buffer[offset : offset + KEY_SIZE] = key
         return place
 
     # -- the master ------------------------------------------------------------------------
@@ -159,15 +160,16 @@ class ConnectionTable:
         start = _ROWS_OFFSET + 2 * STRIDE * worker
         self._lock()
         try:
-            row = self._rows[worker * STRIDE:(worker + 1) * STRIDE]
+            row = self._rows[worker * STRIDE : (worker + 1) * STRIDE]
             # acquire() bumps the row before the sum, so a worker that died half-way
             # has a non-zero place in its row wherever a sum may be off
-            if self.buffer[start:start + 2 * STRIDE] != _ZERO_ROW:
+            if self.buffer[start : start + 2 * STRIDE] != _ZERO_ROW:
                 places = [place for place, count in enumerate(row.tolist()) if count]
-                self.buffer[start:start + 2 * STRIDE] = _ZERO_ROW
+                self.buffer[start : start + 2 * STRIDE] = _ZERO_ROW
                 for place in places:
                     self._client_totals[place] = sum(
-                        self._rows[other * STRIDE + place] for other in alive)
+                        self._rows[other * STRIDE + place] for other in alive
+                    )
             self._worker_totals[worker] = 0
             self._grand_total[0] = sum(self._worker_totals[other] for other in alive)
         finally:

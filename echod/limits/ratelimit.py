@@ -68,8 +68,9 @@ class SharedBuckets:
         os.ftruncate(fd, TABLE_SIZE)
         return cls(fd, mmap.mmap(fd, TABLE_SIZE, mmap.MAP_SHARED))
 
-    def limiter(self, rate: float, burst: float, total_rate: float,
-                total_burst: float) -> Callable[[int, float], int]:
+    def limiter(
+        self, rate: float, burst: float, total_rate: float, total_burst: float
+    ) -> Callable[[int, float], int]:
         """admit(key, now) -> ADMIT, OVER_SOURCE_RATE or OVER_TOTAL_RATE, for a source
         `key` (any int: a hash of its address). A rate of 0 turns that limit off.
         Everything is bound locally: this runs for every datagram."""
@@ -93,11 +94,16 @@ class SharedBuckets:
             # 1. without the lock: is there a token at all? (a new source has its burst)
             if per_source:
                 offset = source_offset(key, base)
-                if offset >= 0 and _refilled(unpack_pair(buffer, offset), now, rate,
-                                             burst)[0] < 1.0:
+                if (
+                    offset >= 0
+                    and _refilled(unpack_pair(buffer, offset), now, rate, burst)[0] < 1.0
+                ):
                     return OVER_SOURCE_RATE
-            if overall and _refilled(unpack_pair(buffer, _GLOBAL_OFFSET), now, total_rate,
-                                     total_burst)[0] < 1.0:
+            if (
+                overall
+                and _refilled(unpack_pair(buffer, _GLOBAL_OFFSET), now, total_rate, total_burst)[0]
+                < 1.0
+            ):
                 return OVER_TOTAL_RATE
             # 2. with the lock: take the tokens, all or none
             lockf(fd, lock, 1, 0)
@@ -113,13 +119,15 @@ class SharedBuckets:
                         pack_pair(buffer, offset, burst, now)  # not the evicted one's state
                         source_tokens, source_last = burst, now
                     else:
-                        source_tokens, source_last = _refilled(unpack_pair(buffer, offset),
-                                                               now, rate, burst)
+                        source_tokens, source_last = _refilled(
+                            unpack_pair(buffer, offset), now, rate, burst
+                        )
                     if source_tokens < 1.0:
                         return OVER_SOURCE_RATE
                 if overall:
-                    total_tokens, total_last = _refilled(unpack_pair(buffer, _GLOBAL_OFFSET),
-                                                         now, total_rate, total_burst)
+                    total_tokens, total_last = _refilled(
+                        unpack_pair(buffer, _GLOBAL_OFFSET), now, total_rate, total_burst
+                    )
                     if total_tokens < 1.0:
                         return OVER_TOTAL_RATE
                     pack_pair(buffer, _GLOBAL_OFFSET, total_tokens - 1.0, total_last)
@@ -132,8 +140,9 @@ class SharedBuckets:
         return admit
 
 
-def _refilled(state: tuple[float, float], now: float, rate: float,
-              burst: float) -> tuple[float, float]:
+def _refilled(
+    state: tuple[float, float], now: float, rate: float, burst: float
+) -> tuple[float, float]:
     """(tokens, last) of a bucket brought up to `now`."""
     tokens, last = state
     elapsed = now - last

@@ -42,8 +42,11 @@ UDP_RESULTS = {
     "dropped_rate_limit": Counter.UDP_DROPPED_RATE,
     "dropped_total_rate_limit": Counter.UDP_DROPPED_RATE_TOTAL,
 }
-REJECTIONS = {"denied": Counter.REJECTED_DENIED, "per_ip_limit": Counter.REJECTED_PER_IP,
-              "total_limit": Counter.REJECTED_TOTAL}
+REJECTIONS = {
+    "denied": Counter.REJECTED_DENIED,
+    "per_ip_limit": Counter.REJECTED_PER_IP,
+    "total_limit": Counter.REJECTED_TOTAL,
+}
 RESTARTS = {
     "crashed": MasterCounter.RESTARTS_CRASHED,
     "timeout": MasterCounter.RESTARTS_TIMEOUT,
@@ -137,8 +140,9 @@ class ProcessSampler:
             del self.processes[pid]
 
 
-def collect(board: Scoreboard, sampler: ProcessSampler,
-            max_fds: int | None = None) -> list[MetricFamily]:
+def collect(
+    board: Scoreboard, sampler: ProcessSampler, max_fds: int | None = None
+) -> list[MetricFamily]:
     """Every family, from one consistent read of the scoreboard."""
     snapshot = board.snapshot()
     master, slots = snapshot
@@ -152,53 +156,94 @@ def collect(board: Scoreboard, sampler: ProcessSampler,
         return MetricFamily(name, "gauge", help_text)
 
     families = [
-        gauge("echod_build_info", "echod's version and Python's, as a constant 1")
-        .add(1, version=master.version, python=platform.python_version()),
-        gauge("echod_master_start_time_seconds", "When the master started (Unix time)")
-        .add(master.master_started),
-        gauge("echod_generation", "Configuration generation (1 at start, +1 per reload)")
-        .add(master.generation),
+        gauge("echod_build_info", "echod's version and Python's, as a constant 1").add(
+            1, version=master.version, python=platform.python_version()
+        ),
+        gauge("echod_master_start_time_seconds", "When the master started (Unix time)").add(
+            master.master_started
+        ),
+        gauge("echod_generation", "Configuration generation (1 at start, +1 per reload)").add(
+            master.generation
+        ),
     ]
     workers = gauge("echod_workers", "Worker processes by state")
     for state in WORKER_STATES:
         workers.add(sum(1 for s in slots if s.state == state), state=state.name.lower())
     families.append(workers)
-    families.append(_labelled(counter("echod_worker_restarts_total",
-                                      "Workers replaced, by why the old one left"),
-                              "reason", RESTARTS, master.events))
-    families.append(_labelled(counter("echod_reloads_total", "Reloads (HUP), by result"),
-                              "result", RELOADS, master.events))
-    families.append(_labelled(counter("echod_upgrades_total",
-                                      "In-place upgrades (USR2), by result"),
-                              "result", UPGRADES, master.events))
+    families.append(
+        _labelled(
+            counter("echod_worker_restarts_total", "Workers replaced, by why the old one left"),
+            "reason",
+            RESTARTS,
+            master.events,
+        )
+    )
+    families.append(
+        _labelled(
+            counter("echod_reloads_total", "Reloads (HUP), by result"),
+            "result",
+            RELOADS,
+            master.events,
+        )
+    )
+    families.append(
+        _labelled(
+            counter("echod_upgrades_total", "In-place upgrades (USR2), by result"),
+            "result",
+            UPGRADES,
+            master.events,
+        )
+    )
     families += [
-        gauge("echod_connections_active", "Open stream connections, all workers")
-        .add(sum(s.active for s in slots)),
-        counter("echod_connections_total", "Stream connections accepted")
-        .add(totals[Counter.ACCEPTED]),
-        _labelled(counter("echod_connections_closed_total", "Stream connections closed, by why"),
-                  "reason", {name: c for c, name in CLOSE_REASONS.items()}, totals),
-        _labelled(counter("echod_connections_rejected_total",
-                          "Connections refused by admission control, by rule"),
-                  "reason", REJECTIONS, totals),
+        gauge("echod_connections_active", "Open stream connections, all workers").add(
+            sum(s.active for s in slots)
+        ),
+        counter("echod_connections_total", "Stream connections accepted").add(
+            totals[Counter.ACCEPTED]
+        ),
+        _labelled(
+            counter("echod_connections_closed_total", "Stream connections closed, by why"),
+            "reason",
+            {name: c for c, name in CLOSE_REASONS.items()},
+            totals,
+        ),
+        _labelled(
+            counter(
+                "echod_connections_rejected_total",
+                "Connections refused by admission control, by rule",
+            ),
+            "reason",
+            REJECTIONS,
+            totals,
+        ),
         counter("echod_accept_paused_total", "Times a worker stopped accepting for a while")
         .add(totals[Counter.REJECTED_MAX_CONNECTIONS], reason="max_connections")
         .add(totals[Counter.ACCEPT_PAUSED_EMFILE], reason="out_of_descriptors"),
-        _labelled(counter("echod_accept_errors_total", "accept() failures by errno"),
-                  "errno", ACCEPT_ERRORS, totals),
-        counter("echod_socket_errors_total",
-                "Unexpected socket errors (failed accepts, UDP send/receive failures)")
-        .add(totals[Counter.ERRORS]),
+        _labelled(
+            counter("echod_accept_errors_total", "accept() failures by errno"),
+            "errno",
+            ACCEPT_ERRORS,
+            totals,
+        ),
+        counter(
+            "echod_socket_errors_total",
+            "Unexpected socket errors (failed accepts, UDP send/receive failures)",
+        ).add(totals[Counter.ERRORS]),
         counter("echod_bytes_received_total", "Bytes received (stream = TCP and unix sockets)")
         .add(totals[Counter.BYTES_IN], transport="stream")
         .add(totals[Counter.UDP_BYTES_IN], transport="udp"),
         counter("echod_bytes_sent_total", "Bytes echoed back (stream = TCP and unix sockets)")
         .add(totals[Counter.BYTES_OUT], transport="stream")
         .add(totals[Counter.UDP_BYTES_OUT], transport="udp"),
-        counter("echod_udp_datagrams_received_total", "UDP datagrams received")
-        .add(totals[Counter.UDP_RECEIVED]),
-        _labelled(counter("echod_udp_datagrams_total", "UDP datagrams by what became of them"),
-                  "result", UDP_RESULTS, totals),
+        counter("echod_udp_datagrams_received_total", "UDP datagrams received").add(
+            totals[Counter.UDP_RECEIVED]
+        ),
+        _labelled(
+            counter("echod_udp_datagrams_total", "UDP datagrams by what became of them"),
+            "result",
+            UDP_RESULTS,
+            totals,
+        ),
     ]
     families += _per_worker(slots, sampler, now)
     families += _master_process(master.pid, sampler, max_fds)
@@ -206,31 +251,44 @@ def collect(board: Scoreboard, sampler: ProcessSampler,
     return families
 
 
-def _labelled(family: MetricFamily, label: str, indices: dict[str, int],
-              values: Sequence[int]) -> MetricFamily:
+def _labelled(
+    family: MetricFamily, label: str, indices: dict[str, int], values: Sequence[int]
+) -> MetricFamily:
     for name, index in indices.items():
         family.add(values[index], **{label: name})
     return family
 
 
-def _per_worker(slots: Sequence[SlotView], sampler: ProcessSampler,
-                now: float) -> list[MetricFamily]:
-    info = MetricFamily("echod_worker_info", "gauge",
-                        "One per live worker: its pid, generation and state")
-    active = MetricFamily("echod_worker_connections_active", "gauge",
-                          "Open stream connections per worker")
-    accepted = MetricFamily("echod_worker_connections_total", "counter",
-                            "Stream connections accepted per worker (resets when it is replaced)")
-    heartbeat = MetricFamily("echod_worker_heartbeat_age_seconds", "gauge",
-                             "Seconds since each worker's last heartbeat")
-    cpu = MetricFamily("echod_worker_cpu_seconds_total", "counter",
-                       "CPU time (user + system) per worker")
-    rss = MetricFamily("echod_worker_resident_memory_bytes", "gauge",
-                       "Resident memory per worker")
+def _per_worker(
+    slots: Sequence[SlotView], sampler: ProcessSampler, now: float
+) -> list[MetricFamily]:
+    info = MetricFamily(
+        "echod_worker_info", "gauge", "One per live worker: its pid, generation and state"
+    )
+    active = MetricFamily(
+        "echod_worker_connections_active", "gauge", "Open stream connections per worker"
+    )
+    accepted = MetricFamily(
+        "echod_worker_connections_total",
+        "counter",
+        "Stream connections accepted per worker (resets when it is replaced)",
+    )
+    heartbeat = MetricFamily(
+        "echod_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker's last heartbeat"
+    )
+    cpu = MetricFamily(
+        "echod_worker_cpu_seconds_total", "counter", "CPU time (user + system) per worker"
+    )
+    rss = MetricFamily("echod_worker_resident_memory_bytes", "gauge", "Resident memory per worker")
     for slot in sorted(slots, key=lambda s: s.worker_id):
         worker = str(slot.worker_id)
-        info.add(1, worker=worker, pid=str(slot.pid), generation=str(slot.generation),
-                 state=slot.state.name.lower())
+        info.add(
+            1,
+            worker=worker,
+            pid=str(slot.pid),
+            generation=str(slot.generation),
+            state=slot.state.name.lower(),
+        )
         active.add(slot.active, worker=worker)
         accepted.add(slot.counters[Counter.ACCEPTED], worker=worker)
         heartbeat.add(round(max(0.0, now - slot.heartbeat), 3), worker=worker)
@@ -241,27 +299,32 @@ def _per_worker(slots: Sequence[SlotView], sampler: ProcessSampler,
     return [info, active, accepted, heartbeat, cpu, rss]
 
 
-def _master_process(pid: int, sampler: ProcessSampler,
-                    max_fds: int | None) -> list[MetricFamily]:
+def _master_process(pid: int, sampler: ProcessSampler, max_fds: int | None) -> list[MetricFamily]:
     """The conventional process_* metrics, describing the master."""
     sample = sampler.sample(pid, detailed=True)
     if sample is None:
         return []
     families = [
-        MetricFamily("process_cpu_seconds_total", "counter",
-                     "Master: CPU time (user + system)").add(round(sample.cpu_seconds, 2)),
-        MetricFamily("process_resident_memory_bytes", "gauge",
-                     "Master: resident memory").add(sample.rss),
-        MetricFamily("process_virtual_memory_bytes", "gauge",
-                     "Master: virtual memory").add(sample.virtual),
-        MetricFamily("process_start_time_seconds", "gauge",
-                     "Master: start time (Unix time)").add(sample.started),
-        MetricFamily("process_open_fds", "gauge",
-                     "Master: open file descriptors").add(sample.open_fds),
+        MetricFamily(
+            "process_cpu_seconds_total", "counter", "Master: CPU time (user + system)"
+        ).add(round(sample.cpu_seconds, 2)),
+        MetricFamily("process_resident_memory_bytes", "gauge", "Master: resident memory").add(
+            sample.rss
+        ),
+        MetricFamily("process_virtual_memory_bytes", "gauge", "Master: virtual memory").add(
+            sample.virtual
+        ),
+        MetricFamily("process_start_time_seconds", "gauge", "Master: start time (Unix time)").add(
+            sample.started
+        ),
+        MetricFamily("process_open_fds", "gauge", "Master: open file descriptors").add(
+            sample.open_fds
+        ),
     ]
     if max_fds is not None:
-        families.append(MetricFamily("process_max_fds", "gauge",
-                                     "Master: file descriptor limit").add(max_fds))
+        families.append(
+            MetricFamily("process_max_fds", "gauge", "Master: file descriptor limit").add(max_fds)
+        )
     return families
 
 

@@ -36,15 +36,25 @@ MAX_CLIENTS = 32  # more wait in the kernel's backlog
 MAX_REQUEST = 8192  # bytes of request line + headers
 CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
 LINGER = 1.0  # seconds to wait for the client's FIN after our answer (no RST on close)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
-                   signal.SIGTTOU)
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-               408: "Request Timeout", 431: "Request Header Fields Too Large"}
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+}
 
 
-def run_metrics_process(sock: socket.socket, bound: str, board: Scoreboard,
-                        master_alive_fd: int, master_pid: int,
-                        blocked_signals: Iterable[signal.Signals]) -> None:
+def run_metrics_process(
+    sock: socket.socket,
+    bound: str,
+    board: Scoreboard,
+    master_alive_fd: int,
+    master_pid: int,
+    blocked_signals: Iterable[signal.Signals],
+) -> None:
     """In the freshly forked metrics child (already cleaned up by the master's side)."""
     for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
@@ -57,6 +67,7 @@ def run_metrics_process(sock: socket.socket, bound: str, board: Scoreboard,
 
 # -- the metrics process ------------------------------------------------------------------
 
+
 @dataclass(eq=False)
 class HttpClient:
     sock: socket.socket
@@ -67,8 +78,9 @@ class HttpClient:
 
 
 class MetricsServer:
-    def __init__(self, sock: socket.socket, board: Scoreboard, master_alive_fd: int,
-                 master_pid: int) -> None:
+    def __init__(
+        self, sock: socket.socket, board: Scoreboard, master_alive_fd: int, master_pid: int
+    ) -> None:
         self.sock = sock
         self.board = board
         self.master_alive_fd = master_alive_fd
@@ -160,18 +172,27 @@ class MetricsServer:
         elif method not in (b"GET", b"HEAD"):
             self._respond(client, 405, b"only GET and HEAD\n", extra="Allow: GET, HEAD\r\n")
         else:
-            body = render.render(render.collect(self.board, self.sampler,
-                                                  self.max_fds)).encode()
-            self._respond(client, 200, body, content_type=render.CONTENT_TYPE,
-                          head_only=method == b"HEAD")
+            body = render.render(render.collect(self.board, self.sampler, self.max_fds)).encode()
+            self._respond(
+                client, 200, body, content_type=render.CONTENT_TYPE, head_only=method == b"HEAD"
+            )
 
-    def _respond(self, client: HttpClient, status: int, body: bytes, *,
-                 content_type: str = "text/plain; charset=utf-8", extra: str = "",
-                 head_only: bool = False) -> None:
-        head = (f"HTTP/1.1 {status} {STATUS_TEXT[status]}\r\n"
-                f"Content-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                f"{extra}Connection: close\r\n\r\n").encode()
+    def _respond(
+        self,
+        client: HttpClient,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = "text/plain; charset=utf-8",
+        extra: str = "",
+        head_only: bool = False,
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {STATUS_TEXT[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n"
+        ).encode()
         client.response = memoryview(head if head_only else head + body)
         self.epoll.modify(client.sock.fileno(), select.EPOLLOUT)
         self._write(client)

@@ -37,14 +37,19 @@ def close_hook(config: Config) -> Callable[[ClosingConnection, Counter], None] |
 
 
 def log_close(conn: ClosingConnection, reason: Counter) -> None:
-    access_log.info("access", extra={"fields": {
-        "peer": format_peer(conn.peer),
-        "local": _local_address(conn.sock),
-        "duration": round(time.monotonic() - conn.accepted_at, 6),
-        "bytes_in": conn.bytes_in,
-        "bytes_out": conn.bytes_out,
-        "reason": CLOSE_REASONS.get(reason, reason.name.lower()),
-    }})
+    access_log.info(
+        "access",
+        extra={
+            "fields": {
+                "peer": format_peer(conn.peer),
+                "local": _local_address(conn.sock),
+                "duration": round(time.monotonic() - conn.accepted_at, 6),
+                "bytes_in": conn.bytes_in,
+                "bytes_out": conn.bytes_out,
+                "reason": CLOSE_REASONS.get(reason, reason.name.lower()),
+            }
+        },
+    )
 
 
 def format_peer(address: object) -> str:

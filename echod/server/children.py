@@ -25,8 +25,17 @@ from echod.server.signals import SignalQueue, blocked
 
 log = logging.getLogger("echod.master")
 
-MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
+MASTER_SIGNALS = (
+    signal.SIGCHLD,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 @dataclass
@@ -58,8 +67,14 @@ class Children:
 
     inherited: Inheritance | None = None  # set by Master.open(), before the first fork
 
-    def fork(self, keep: Sequence[Listener], body: Callable[[], object], *, failed: str,
-             failure_code: int) -> int:
+    def fork(
+        self,
+        keep: Sequence[Listener],
+        body: Callable[[], object],
+        *,
+        failed: str,
+        failure_code: int,
+    ) -> int:
         """Start ``body`` in a child that keeps only the sockets in ``keep``; return its pid.
 
         The child exits 0 when ``body`` returns; when it raises, it logs ``failed``

@@ -96,11 +96,13 @@ def _reason(exc: OSError) -> str:
 def _open_inet(address: Address, backlog: int) -> socket.socket:
     kind = socket.SOCK_DGRAM if address.transport is Transport.UDP else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(address.host, address.port, type=kind,
-                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=kind, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
     except socket.gaierror as exc:
-        raise BindError(f"cannot listen on {address}: cannot resolve "
-                        f"{address.host!r}: {exc.strerror}") from None
+        raise BindError(
+            f"cannot listen on {address}: cannot resolve {address.host!r}: {exc.strerror}"
+        ) from None
     family, socktype, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:
@@ -163,16 +165,20 @@ def _adopt_fd(address: Address) -> socket.socket:
         sock = socket.socket(fileno=address.fd)
     except OSError as exc:
         raise BindError(f"cannot use {address}: {exc.strerror}") from None
-    if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET,
-                                                               socket.SO_ACCEPTCONN):
+    if sock.type == socket.SOCK_STREAM and not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
         sock.detach()
         raise BindError(f"cannot use {address}: the socket is not listening")
     sock.setblocking(False)
     return sock
 
 
-def open_listeners(addresses: Iterable[Address], backlog: int,
-                   inherited: Mapping[Address, socket.socket] | None = None) -> list[Listener]:
+def open_listeners(
+    addresses: Iterable[Address],
+    backlog: int,
+    inherited: Mapping[Address, socket.socket] | None = None,
+) -> list[Listener]:
     """Open every address (or take an inherited socket for it); all or nothing."""
     opened: list[Listener] = []
     try:
@@ -222,10 +228,16 @@ def reconcile(current: list[Listener], wanted: Iterable[Address], backlog: int) 
             with contextlib.suppress(OSError):
                 listener.sock.listen(backlog)  # a changed backlog applies in place
     wanted_set = set(wanted)
-    removed = [listener for listener in current
-               if listener.address not in wanted_set and not listener.activated]
-    kept += [listener for listener in current
-             if listener.activated and listener.address not in wanted_set]
+    removed = [
+        listener
+        for listener in current
+        if listener.address not in wanted_set and not listener.activated
+    ]
+    kept += [
+        listener
+        for listener in current
+        if listener.activated and listener.address not in wanted_set
+    ]
     return ListenerChange(kept, opened, removed)
 
 
@@ -266,8 +278,11 @@ def _wildcard_match(address: Address, inherited: list[Any]) -> Any:
             candidate = parse_address(entry.bind_spec)
         except ValueError:
             continue
-        if candidate.transport is address.transport and candidate.port == address.port and (
-                candidate.host in wildcards or address.host in wildcards):
+        if (
+            candidate.transport is address.transport
+            and candidate.port == address.port
+            and (candidate.host in wildcards or address.host in wildcards)
+        ):
             return entry
     return None
 
@@ -280,8 +295,7 @@ def adopt_sockets(fds_by_address: Mapping[str, int]) -> dict[Address, socket.soc
             address = parse_address(address_text)
             sock = socket.socket(fileno=fd)
         except (ValueError, OSError) as exc:
-            raise BindError(f"cannot take over listener {address_text} (fd {fd}): {exc}") \
-                from None
+            raise BindError(f"cannot take over listener {address_text} (fd {fd}): {exc}") from None
         os.set_inheritable(fd, False)
         adopted[address] = sock
     return adopted

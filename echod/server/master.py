@@ -124,8 +124,11 @@ class Master:
         self.exit_code = exitcodes.OK
         self.ready_announced = False
         self.backoff: dict[int, RestartBackoff] = {}  # by worker id
-        self.upgrade = Upgrade(self.scoreboard, lambda: self.hooks.on_reloading(self),
-                               lambda: self.hooks.on_ready(self))
+        self.upgrade = Upgrade(
+            self.scoreboard,
+            lambda: self.hooks.on_reloading(self),
+            lambda: self.hooks.on_ready(self),
+        )
         self.signals: SignalQueue | None = None
         self.alive_read = self.alive_write = -1
 
@@ -142,8 +145,13 @@ class Master:
         # an upgrade exec'd us with these blocked; our handlers are in place now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         self.children.inherited = Inheritance(
-            self.signals, self.alive_read, self.alive_write, self.pid, self.close_in_child,
-            self._sockets)
+            self.signals,
+            self.alive_read,
+            self.alive_write,
+            self.pid,
+            self.close_in_child,
+            self._sockets,
+        )
         for helper in self.helpers:
             helper.attach(self.children, self.scoreboard)
 
@@ -151,8 +159,9 @@ class Master:
         """After an in-place upgrade: take over the previous image's workers."""
         now = time.monotonic()
         for adopted in handoff.workers:
-            worker = WorkerProcess(adopted.pid, adopted.worker_id, adopted.generation, now,
-                                   WorkerPhase.SERVING)
+            worker = WorkerProcess(
+                adopted.pid, adopted.worker_id, adopted.generation, now, WorkerPhase.SERVING
+            )
             if adopted.dismissed:  # was draining already: give it a fresh deadline
                 worker.move(WorkerPhase.DRAINING, now + self.config.graceful_timeout + 1.0)
             self.workers[adopted.pid] = worker
@@ -161,9 +170,14 @@ class Master:
         self._move(MasterPhase.ADOPTING)  # old workers retire once the new generation serves
         self.ready_announced = True
         self.scoreboard.count_event(MasterCounter.UPGRADES_OK)
-        log.info("upgraded in place to echod %s: adopted %d worker(s) of generation %d; "
-                 "starting generation %d", self.version, len(handoff.workers),
-                 handoff.generation, self.generation)
+        log.info(
+            "upgraded in place to echod %s: adopted %d worker(s) of generation %d; "
+            "starting generation %d",
+            self.version,
+            len(handoff.workers),
+            handoff.generation,
+            self.generation,
+        )
 
     # -- the story ---------------------------------------------------------------
     def run(self) -> int:
@@ -192,10 +206,13 @@ class Master:
 
     def _next_tick(self) -> float:
         """Idle only when nothing is due: no switch, stop, upgrade, or worker on the move."""
-        settled = (self.phase is MasterPhase.RUNNING and self.ready_announced
-                   and not self.upgrade.in_progress
-                   and all(w.phase.settled for w in self.workers.values())
-                   and len(self._current()) >= self.desired)
+        settled = (
+            self.phase is MasterPhase.RUNNING
+            and self.ready_announced
+            and not self.upgrade.in_progress
+            and all(w.phase.settled for w in self.workers.values())
+            and len(self._current()) >= self.desired
+        )
         return IDLE_TICK if settled else BUSY_TICK
 
     def _handle_signal(self, signum: signal.Signals) -> None:
@@ -239,8 +256,9 @@ class Master:
     # -- spawning ------------------------------------------------------------------
     def _current(self) -> list[WorkerProcess]:
         """Workers of the current generation that were not sent away."""
-        return [w for w in self.workers.values()
-                if w.generation == self.generation and not w.dismissed]
+        return [
+            w for w in self.workers.values() if w.generation == self.generation and not w.dismissed
+        ]
 
     def _spawn_missing(self, now: float) -> None:
         replacing = WorkerPhase.REPLACING
@@ -264,11 +282,18 @@ class Master:
         identity = WorkerIdentity(worker_id, self.generation, self.pid)
         pid = self.children.fork(
             self.listeners,
-            lambda: start_worker(self.config, self.listeners, WorkerSlot(self.scoreboard, slot),
-                                 identity, self.alive_read, self.limits,
-                                 on_close=access.close_hook(self.config)),
+            lambda: start_worker(
+                self.config,
+                self.listeners,
+                WorkerSlot(self.scoreboard, slot),
+                identity,
+                self.alive_read,
+                self.limits,
+                on_close=access.close_hook(self.config),
+            ),
             failed=f"worker {worker_id} failed to start",
-            failure_code=exitcodes.WORKER_BOOT_FATAL)
+            failure_code=exitcodes.WORKER_BOOT_FATAL,
+        )
         self.scoreboard.set_pid(slot, pid)
         worker = WorkerProcess(pid, worker_id, self.generation, time.monotonic())
         self.workers[pid] = worker
@@ -283,9 +308,12 @@ class Master:
     def _reap(self) -> None:
         for pid, status in self.children.reaped():
             if self.upgrade.owns(pid):
-                self.upgrade.preflight_exited(status, stopping=self.phase is MasterPhase.STOPPING,
-                                              handoff=self._handoff,
-                                              before_exec=self._before_exec)
+                self.upgrade.preflight_exited(
+                    status,
+                    stopping=self.phase is MasterPhase.STOPPING,
+                    handoff=self._handoff,
+                    before_exec=self._before_exec,
+                )
                 continue
             worker = self.workers.pop(pid, None)
             if worker is None:
@@ -296,8 +324,9 @@ class Master:
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        logs.report_stack_dump(os.path.dirname(self.config.pidfile_path), worker.pid,
-                               f"worker {worker.worker_id}")
+        logs.report_stack_dump(
+            os.path.dirname(self.config.pidfile_path), worker.pid, f"worker {worker.worker_id}"
+        )
         self.scoreboard.fold_into_retired(worker.slot)
         self.scoreboard.release(worker.slot)
         # its connections are gone, however it died: stop counting them against the limits
@@ -315,28 +344,46 @@ class Master:
         now = time.monotonic()
         lifetime = now - worker.started
         hung = worker.phase is WorkerPhase.ABORTING
-        self.scoreboard.count_event(MasterCounter.RESTARTS_TIMEOUT if hung
-                                    else MasterCounter.RESTARTS_CRASHED)
-        log.error("worker %d (pid %d) %s %s after %.1fs; replacing it", worker.worker_id,
-                  worker.pid, describe_exit(status),
-                  "after worker_timeout" if hung else "unexpectedly", lifetime)
+        self.scoreboard.count_event(
+            MasterCounter.RESTARTS_TIMEOUT if hung else MasterCounter.RESTARTS_CRASHED
+        )
+        log.error(
+            "worker %d (pid %d) %s %s after %.1fs; replacing it",
+            worker.worker_id,
+            worker.pid,
+            describe_exit(status),
+            "after worker_timeout" if hung else "unexpectedly",
+            lifetime,
+        )
         backoff = self.backoff.setdefault(worker.worker_id, RestartBackoff())
         delay = backoff.died(now, lifetime, blameless=hung)  # killed by us: not its fault
         if backoff.failures > 1:
-            log.warning("worker %d keeps dying young (%d in a row): next start in %.1fs",
-                        worker.worker_id, backoff.failures, delay)
+            log.warning(
+                "worker %d keeps dying young (%d in a row): next start in %.1fs",
+                worker.worker_id,
+                backoff.failures,
+                delay,
+            )
         if not backoff.failures:
             del self.backoff[worker.worker_id]
 
     def _on_boot_failure(self, worker: WorkerProcess) -> None:
         older = [w for w in self.workers.values() if w.generation < worker.generation]
         if worker.generation == self.generation and older and self.phase.switching:
-            log.error("reload failed: workers of generation %d cannot start (see above); "
-                      "generation %d keeps serving", worker.generation, self.generation - 1)
+            log.error(
+                "reload failed: workers of generation %d cannot start (see above); "
+                "generation %d keeps serving",
+                worker.generation,
+                self.generation - 1,
+            )
             self._abandon_generation()
             return
-        log.critical("worker %d (pid %d) cannot start (see the error above); stopping echod "
-                     "instead of restarting it in a loop", worker.worker_id, worker.pid)
+        log.critical(
+            "worker %d (pid %d) cannot start (see the error above); stopping echod "
+            "instead of restarting it in a loop",
+            worker.worker_id,
+            worker.pid,
+        )
         self.exit_code = exitcodes.FAILURE
         self.stop(graceful=False)
 
@@ -358,18 +405,28 @@ class Master:
                 continue
             silent_for = now - self.scoreboard.slot(worker.slot).heartbeat
             if silent_for > timeout:
-                log.error("worker %d (pid %d) silent for %.1fs (worker_timeout %gs): sending "
-                          "SIGABRT for a stack dump, then SIGKILL", worker.worker_id, worker.pid,
-                          silent_for, timeout)
+                log.error(
+                    "worker %d (pid %d) silent for %.1fs (worker_timeout %gs): sending "
+                    "SIGABRT for a stack dump, then SIGKILL",
+                    worker.worker_id,
+                    worker.pid,
+                    silent_for,
+                    timeout,
+                )
                 worker.move(WorkerPhase.ABORTING, now + ABORT_GRACE)
                 self.children.kill(worker.pid, signal.SIGABRT)
 
     def _enforce_retire_deadlines(self, now: float) -> None:
         for worker in list(self.workers.values()):
-            if worker.phase in (WorkerPhase.DRAINING, WorkerPhase.QUITTING) and \
-                    now >= worker.deadline:
-                log.warning("worker %d (pid %d) did not finish in time: killing it",
-                            worker.worker_id, worker.pid)
+            if (
+                worker.phase in (WorkerPhase.DRAINING, WorkerPhase.QUITTING)
+                and now >= worker.deadline
+            ):
+                log.warning(
+                    "worker %d (pid %d) did not finish in time: killing it",
+                    worker.worker_id,
+                    worker.pid,
+                )
                 worker.move(WorkerPhase.KILLED, now + ABORT_GRACE)  # no second warning
                 self.children.kill(worker.pid, signal.SIGKILL)
         if self.phase is MasterPhase.STOPPING and now >= self.stop_deadline:
@@ -421,15 +478,19 @@ class Master:
             return
         current = self._current()
         if len(current) < self.desired or any(
-                self.scoreboard.slot(w.slot).state == State.BOOTING for w in current):
+            self.scoreboard.slot(w.slot).state == State.BOOTING for w in current
+        ):
             return
         for worker in list(self.workers.values()):
             if worker.generation < self.generation:
                 self._retire(worker)
         reloaded = self.phase is MasterPhase.RELOADING
         self._move(MasterPhase.RUNNING)
-        log.info("generation %d serving with %d worker(s); retiring the previous one",
-                 self.generation, len(current))
+        log.info(
+            "generation %d serving with %d worker(s); retiring the previous one",
+            self.generation,
+            len(current),
+        )
         if reloaded:
             self.scoreboard.count_event(MasterCounter.RELOADS_OK)
         self.hooks.on_ready(self)
@@ -450,8 +511,10 @@ class Master:
             state = self.scoreboard.slot(worker.slot).state
             if worker.phase is WorkerPhase.BOOTING and state != State.BOOTING:
                 worker.move(WorkerPhase.SERVING)
-            if state == State.RETIRING and worker.phase in (WorkerPhase.BOOTING,
-                                                            WorkerPhase.SERVING):
+            if state == State.RETIRING and worker.phase in (
+                WorkerPhase.BOOTING,
+                WorkerPhase.SERVING,
+            ):
                 worker.move(WorkerPhase.REPLACING)
                 log.info("recycling worker %d (pid %d)", worker.worker_id, worker.pid)
 
@@ -461,8 +524,12 @@ class Master:
         waiting = [w for w in current if w.phase is WorkerPhase.REPLACING]
         if not waiting:
             return
-        serving = [w for w in current if w.phase is not WorkerPhase.REPLACING
-                   and self.scoreboard.slot(w.slot).state == State.READY]
+        serving = [
+            w
+            for w in current
+            if w.phase is not WorkerPhase.REPLACING
+            and self.scoreboard.slot(w.slot).state == State.READY
+        ]
         if len(serving) >= self.desired:
             for worker in waiting:
                 self.scoreboard.count_event(MasterCounter.RESTARTS_RECYCLED)
@@ -482,11 +549,18 @@ class Master:
     # -- in-place upgrade --------------------------------------------------------------
     def _handoff(self) -> Handoff:
         return Handoff.of(
-            self.listeners, self.pidfile, self.alive_read, self.alive_write,
-            generation=self.generation, desired=self.desired,
-            workers=[AdoptedWorker(w.pid, w.worker_id, w.generation, w.dismissed)
-                     for w in self.workers.values()],
-            helpers={helper.name: helper.handoff_fds() for helper in self.helpers})
+            self.listeners,
+            self.pidfile,
+            self.alive_read,
+            self.alive_write,
+            generation=self.generation,
+            desired=self.desired,
+            workers=[
+                AdoptedWorker(w.pid, w.worker_id, w.generation, w.dismissed)
+                for w in self.workers.values()
+            ],
+            helpers={helper.name: helper.handoff_fds() for helper in self.helpers},
+        )
 
     def _before_exec(self) -> None:
         for helper in self.helpers:
@@ -529,20 +603,28 @@ class Master:
             return
         current = self._current()
         if len(current) < self.desired or any(
-                self.scoreboard.slot(w.slot).state != State.READY for w in current):
+            self.scoreboard.slot(w.slot).state != State.READY for w in current
+        ):
             return
         self.ready_announced = True
         log.info("echod %s ready: %d worker(s) serving", self.version, len(current))
         self.hooks.on_ready(self)
 
     def _publish_master(self) -> None:
-        self.scoreboard.set_master(pid=self.pid, generation=self.generation,
-                                   code_started=self.code_started, version=self.version)
+        self.scoreboard.set_master(
+            pid=self.pid,
+            generation=self.generation,
+            code_started=self.code_started,
+            version=self.version,
+        )
 
     def _signal_workers(self, signum: signal.Signals) -> None:
         for worker in self.workers.values():
             self.children.kill(worker.pid, signum)
 
     def serving_workers(self) -> int:
-        return sum(1 for w in self.workers.values()
-                   if self.scoreboard.slot(w.slot).state in (State.READY, State.RETIRING))
+        return sum(
+            1
+            for w in self.workers.values()
+            if self.scoreboard.slot(w.slot).state in (State.READY, State.RETIRING)
+        )

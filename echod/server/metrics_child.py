@@ -88,8 +88,12 @@ class MetricsService:
             return True
         now = time.monotonic()
         lived = now - self.started
-        log.error("metrics process (pid %d) %s after %.1fs; restarting it", pid,
-                  describe_exit(status), lived)
+        log.error(
+            "metrics process (pid %d) %s after %.1fs; restarting it",
+            pid,
+            describe_exit(status),
+            lived,
+        )
         self.backoff.died(now, lived)
         return True
 
@@ -140,10 +144,17 @@ class MetricsService:
         listener, board, inherited = self.listener, self.scoreboard, self.children.inherited
         self.pid = self.children.fork(
             [listener],
-            lambda: run_metrics_process(listener.sock, listener.bound, board,
-                                        inherited.alive_read, inherited.master_pid,
-                                        MASTER_SIGNALS),
-            failed="metrics process failed", failure_code=1)
+            lambda: run_metrics_process(
+                listener.sock,
+                listener.bound,
+                board,
+                inherited.alive_read,
+                inherited.master_pid,
+                MASTER_SIGNALS,
+            ),
+            failed="metrics process failed",
+            failure_code=1,
+        )
         self.started = time.monotonic()
         log.debug("started metrics process (pid %d)", self.pid)
 

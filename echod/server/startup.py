@@ -56,8 +56,9 @@ class Resources:
         return [*self.listeners, *self.metrics.sockets()]
 
 
-def serve(config: Config, load_config: Callable[[], Config], *, foreground: bool,
-          code_started: float) -> int:
+def serve(
+    config: Config, load_config: Callable[[], Config], *, foreground: bool, code_started: float
+) -> int:
     """Run echod until it stops; return the exit code."""
     handoff = take_handoff()
     log_file = config.log_file or ("" if foreground else default_daemon_log(config))
@@ -117,16 +118,23 @@ def _detach(config: Config, resources: Resources) -> ReadinessReporter:
     """Become a daemon, keeping our sockets, the pidfile lock and the log files."""
     pidfile = resources.pidfile
     keep = [listener.fileno() for listener in resources.sockets()]
-    reporter = launch_daemon(files_preserve=[*keep, pidfile.keep_across_exec(),
-                                             *logs.log_file_descriptors()],
-                             umask=config.umask)
+    reporter = launch_daemon(
+        files_preserve=[*keep, pidfile.keep_across_exec(), *logs.log_file_descriptors()],
+        umask=config.umask,
+    )
     os.set_inheritable(pidfile.keep_across_exec(), False)
     pidfile.write(os.getpid())
     return reporter
 
 
-def _run_master(config: Config, load_config: Callable[[], Config], resources: Resources,
-                reporter: ReadinessReporter | None, code_started: float, log_file: str) -> int:
+def _run_master(
+    config: Config,
+    load_config: Callable[[], Config],
+    resources: Resources,
+    reporter: ReadinessReporter | None,
+    code_started: float,
+    log_file: str,
+) -> int:
     assert resources.scoreboard is not None
     pidfile = resources.pidfile
 
@@ -167,10 +175,12 @@ class SystemdHooks:
         self.watchdog_interval = self.notifier.watchdog_interval()
 
     def hooks(self) -> Hooks:
-        return Hooks(on_ready=self.on_ready,
-                     on_reloading=lambda master: self.notifier.reloading(),
-                     on_stopping=lambda master: self.notifier.stopping(),
-                     on_tick=self.on_tick)
+        return Hooks(
+            on_ready=self.on_ready,
+            on_reloading=lambda master: self.notifier.reloading(),
+            on_stopping=lambda master: self.notifier.stopping(),
+            on_tick=self.on_tick,
+        )
 
     def on_ready(self, master: Master) -> None:
         self.notifier.ready(_status_line(master))
@@ -196,8 +206,7 @@ def _status_line(master: Master) -> str:
     slots = [master.scoreboard.slot(w.slot) for w in master.workers.values()]
     serving = sum(1 for s in slots if s.state in (State.READY, State.RETIRING))
     active = sum(s.active for s in slots)
-    return (f"{serving} worker(s) serving, {active} connection(s), "
-            f"generation {master.generation}")
+    return f"{serving} worker(s) serving, {active} connection(s), generation {master.generation}"
 
 
 def _setup_logging(config: Config, log_file: str) -> None:
@@ -255,4 +264,3 @@ def _make_runtime_dir(path: str) -> None:
     with contextlib.suppress(OSError):
         if not os.access(path, os.W_OK):
             raise EchodError(f"runtime directory {path} is not writable")
-

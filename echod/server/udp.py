@@ -70,7 +70,7 @@ SourceCheck = Callable[[str, float], int]
 
 
 def is_unicast_source_v4(host: str) -> bool:
-    return host[:host.find(".")] not in _NOT_UNICAST_V4
+    return host[: host.find(".")] not in _NOT_UNICAST_V4
 
 
 def is_unicast_source_v6(host: str) -> bool:
@@ -85,14 +85,18 @@ def is_unicast_source_v6(host: str) -> bool:
     return True
 
 
-def build_source_check(config: Config, buckets: SharedBuckets | None,
-                       policy: AddressPolicy | None) -> SourceCheck | None:
+def build_source_check(
+    config: Config, buckets: SharedBuckets | None, policy: AddressPolicy | None
+) -> SourceCheck | None:
     """The optional checks (3 and 4 above) as one function, or None when none is on."""
     permits = policy.permits if policy is not None else None
     rate, burst = float(config.udp_rate_per_source), float(config.udp_burst_per_source)
     total = float(config.udp_rate_total)
-    limiter = buckets.limiter(rate, burst, total, total) if buckets is not None and (
-        rate or total) else None  # the global bucket bursts up to one second's worth
+    limiter = (
+        buckets.limiter(rate, burst, total, total)
+        if buckets is not None and (rate or total)
+        else None
+    )  # the global bucket bursts up to one second's worth
     if permits is None and limiter is None:
         return None
     drop_reasons = {OVER_SOURCE_RATE: _DROPPED_RATE, OVER_TOTAL_RATE: _DROPPED_RATE_TOTAL}
@@ -119,8 +123,14 @@ def is_wildcard(sock: socket.socket) -> bool:
 class DatagramEcho:
     """Answers the datagrams waiting on one UDP socket."""
 
-    def __init__(self, sock: socket.socket, config: Config, check: SourceCheck | None,
-                 buffer: bytearray, counters: list[int]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        config: Config,
+        check: SourceCheck | None,
+        buffer: bytearray,
+        counters: list[int],
+    ) -> None:
         self.sock = sock
         self.check = check
         self.buffer = buffer

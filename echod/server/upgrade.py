@@ -65,9 +65,18 @@ class Handoff:
     helpers: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> address -> fd
 
     @classmethod
-    def of(cls, listeners: list[Listener], pidfile: PidFile, alive_read: int, alive_write: int,
-           *, generation: int, desired: int, workers: list[AdoptedWorker],
-           helpers: dict[str, dict[str, int]]) -> Handoff:
+    def of(
+        cls,
+        listeners: list[Listener],
+        pidfile: PidFile,
+        alive_read: int,
+        alive_write: int,
+        *,
+        generation: int,
+        desired: int,
+        workers: list[AdoptedWorker],
+        helpers: dict[str, dict[str, int]],
+    ) -> Handoff:
         return cls(
             listener_fds={str(listener.address): listener.fileno() for listener in listeners},
             pidfile_fd=pidfile.keep_across_exec(),
@@ -82,8 +91,13 @@ class Handoff:
 
     def fds(self) -> list[int]:
         """Every descriptor the new image needs."""
-        return [*self.listener_fds.values(), self.pidfile_fd, self.alive_read, self.alive_write,
-                *(fd for fds in self.helpers.values() for fd in fds.values())]
+        return [
+            *self.listener_fds.values(),
+            self.pidfile_fd,
+            self.alive_read,
+            self.alive_write,
+            *(fd for fds in self.helpers.values() for fd in fds.values()),
+        ]
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -110,8 +124,9 @@ def _known(kind: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - names)
     if unknown:
-        log.warning("upgrade hand-off: ignoring what this version does not know: %s",
-                    ", ".join(unknown))
+        log.warning(
+            "upgrade hand-off: ignoring what this version does not know: %s", ", ".join(unknown)
+        )
     return {key: value for key, value in data.items() if key in names}
 
 
@@ -141,14 +156,21 @@ class Preflight:
             (os.POSIX_SPAWN_DUP2, write_fd, 1),
             (os.POSIX_SPAWN_DUP2, write_fd, 2),
         ]
-        env = {k: v for k, v in os.environ.items()
-               if k != HANDOFF_ENV and k not in SYSTEMD_CHILD_VARIABLES}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != HANDOFF_ENV and k not in SYSTEMD_CHILD_VARIABLES
+        }
         here = os.getcwd()
         try:
             os.chdir(LAUNCH_DIRECTORY)
-            pid = os.posix_spawn(sys.executable, [*program_argv(), "--check-config"], env,
-                                 file_actions=actions, setsigdef=(signal.SIGTERM,
-                                                                  signal.SIGINT))
+            pid = os.posix_spawn(
+                sys.executable,
+                [*program_argv(), "--check-config"],
+                env,
+                file_actions=actions,
+                setsigdef=(signal.SIGTERM, signal.SIGINT),
+            )
         finally:
             os.chdir(here)
             os.close(write_fd)
@@ -172,8 +194,11 @@ class Preflight:
 
     @property
     def succeeded(self) -> bool:
-        return self.status is not None and os.WIFEXITED(self.status) and \
-            os.WEXITSTATUS(self.status) == 0
+        return (
+            self.status is not None
+            and os.WIFEXITED(self.status)
+            and os.WEXITSTATUS(self.status) == 0
+        )
 
     @property
     def summary(self) -> str:
@@ -205,8 +230,9 @@ class Upgrade:
 
     def request(self, *, stopping: bool) -> None:
         if stopping or self.preflight is not None:
-            log.warning("upgrade ignored: %s", "stopping" if stopping
-                        else "an upgrade is already under way")
+            log.warning(
+                "upgrade ignored: %s", "stopping" if stopping else "an upgrade is already under way"
+            )
             return
         log.info("upgrade requested: checking that the installed code and config load")
         self.on_reloading()
@@ -224,15 +250,24 @@ class Upgrade:
             log.error("upgrade pre-flight hangs after %.0fs: killing it", PREFLIGHT_TIMEOUT)
             kill(self.preflight.pid, signal.SIGKILL)
 
-    def preflight_exited(self, status: int, *, stopping: bool, handoff: Callable[[], Handoff],
-                         before_exec: Callable[[], None]) -> None:
+    def preflight_exited(
+        self,
+        status: int,
+        *,
+        stopping: bool,
+        handoff: Callable[[], Handoff],
+        before_exec: Callable[[], None],
+    ) -> None:
         """The pre-flight ended: exec the new image if it passed and we still serve."""
         preflight, self.preflight = self.preflight, None
         assert preflight is not None
         preflight.finish(status)
         if not preflight.succeeded or stopping:
-            log.error("upgrade aborted, everything keeps running as it was: the pre-flight "
-                      "check %s: %s", describe_exit(status), preflight.summary)
+            log.error(
+                "upgrade aborted, everything keeps running as it was: the pre-flight check %s: %s",
+                describe_exit(status),
+                preflight.summary,
+            )
             self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
             if not stopping:
                 self.on_ready()
@@ -252,8 +287,9 @@ class Upgrade:
         self.on_ready()
 
 
-def exec_new_image(handoff: Handoff, keep_fds: Iterable[int],
-                   blocked_signals: Iterable[signal.Signals]) -> None:
+def exec_new_image(
+    handoff: Handoff, keep_fds: Iterable[int], blocked_signals: Iterable[signal.Signals]
+) -> None:
     """Replace this process image; returns only if exec failed (then nothing changed)."""
     fds = list(keep_fds)
     for fd in fds:

@@ -55,19 +55,44 @@ DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), befor
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 ACCEPT_ERROR_COUNTERS = {
-    errno.EMFILE: Counter.ACCEPT_EMFILE, errno.ENFILE: Counter.ACCEPT_ENFILE,
-    errno.ENOMEM: Counter.ACCEPT_ENOMEM, errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
-    errno.ECONNABORTED: Counter.ACCEPT_ABORTED, errno.EPROTO: Counter.ACCEPT_ABORTED,
+    errno.EMFILE: Counter.ACCEPT_EMFILE,
+    errno.ENFILE: Counter.ACCEPT_ENFILE,
+    errno.ENOMEM: Counter.ACCEPT_ENOMEM,
+    errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
+    errno.ECONNABORTED: Counter.ACCEPT_ABORTED,
+    errno.EPROTO: Counter.ACCEPT_ABORTED,
 }
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
 MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between samples of our own USS for max_worker_memory
-WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP,
-                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, NUDGE)
+WORKER_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR2,
+    NUDGE,
+)
 
 
 class Connection:
-    __slots__ = ("accepted_at", "bytes_in", "bytes_out", "fd", "last_active", "peer",
-                 "peer_eof", "pending", "reading", "recv_into", "send", "sock", "ticket")
+    __slots__ = (
+        "accepted_at",
+        "bytes_in",
+        "bytes_out",
+        "fd",
+        "last_active",
+        "peer",
+        "peer_eof",
+        "pending",
+        "reading",
+        "recv_into",
+        "send",
+        "sock",
+        "ticket",
+    )
 
     def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
         self.sock = sock
@@ -138,8 +163,15 @@ class WorkerIdentity:
 
 
 class Worker:
-    def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        slot: WorkerSlot,
+        identity: WorkerIdentity,
+        master_alive_fd: int,
+        limits: SharedLimits,
+    ) -> None:
         self.config = config
         self.listeners = {listener.fileno(): listener for listener in listeners}
         self.registered: set[int] = set()  # listeners in our epoll set
@@ -153,9 +185,11 @@ class Worker:
         self.idle_timeout = config.idle_timeout
         self.max_lifetime = config.max_connection_lifetime
         self.idle_wheel: TimeoutWheel[Connection] | None = (
-            TimeoutWheel.for_timeout(self.idle_timeout) if self.idle_timeout else None)
+            TimeoutWheel.for_timeout(self.idle_timeout) if self.idle_timeout else None
+        )
         self.lifetime_wheel: TimeoutWheel[Connection] | None = (
-            TimeoutWheel.for_timeout(self.max_lifetime) if self.max_lifetime else None)
+            TimeoutWheel.for_timeout(self.max_lifetime) if self.max_lifetime else None
+        )
         # how soon after an accept the first deadline can fall
         self.shortest_timeout = min(t for t in (self.idle_timeout, self.max_lifetime, 1e9) if t)
         self.buffer = bytearray(min(READ_BUFFER_SIZE, config.max_buffer))
@@ -173,14 +207,19 @@ class Worker:
         self.counters = [0] * NUM_COUNTERS
         policy = address_policy(config)  # one for TCP and UDP: the same lists
         # None when no TCP limit is configured: the accept path then checks nothing
-        self.admission = AdmissionGate(
-            config, limits.connections, identity.worker_id - 1, self.counters,
-            policy) if tcp_limits_configured(config) else None
+        self.admission = (
+            AdmissionGate(config, limits.connections, identity.worker_id - 1, self.counters, policy)
+            if tcp_limits_configured(config)
+            else None
+        )
         self.datagram_echoes = self._datagram_echoes(limits, policy)
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.recycling = False  # asked the master for a replacement (at most once)
-        self.memory_limit = MemoryLimit(config.max_worker_memory, own_uss_sampler(),
-                                        time.monotonic()) if config.max_worker_memory else None
+        self.memory_limit = (
+            MemoryLimit(config.max_worker_memory, own_uss_sampler(), time.monotonic())
+            if config.max_worker_memory
+            else None
+        )
         self.next_housekeeping = 0.0
         self.error_log = logs.RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self.signals: SignalQueue | None = None
@@ -291,15 +330,17 @@ class Worker:
                 self.datagram_echoes[fd].on_readable()
             else:
                 before = self.accepted
-                self._accept(listener, now,
-                             self.balancer.accept_budget(len(self.connections), ACCEPT_BATCH))
+                self._accept(
+                    listener, now, self.balancer.accept_budget(len(self.connections), ACCEPT_BATCH)
+                )
                 if self.accepted != before:
                     self._after_accepting(listener, now)
         elif self.signals is not None and fd == self.signals.fileno():
             self._on_signals()
         elif fd == self.master_alive_fd:
-            log.warning("master is gone; closing %d connection(s) and exiting",
-                        len(self.connections))
+            log.warning(
+                "master is gone; closing %d connection(s) and exiting", len(self.connections)
+            )
             self.stopping = True
 
     def _housekeeping(self, now: float) -> None:
@@ -307,8 +348,12 @@ class Worker:
             self._expire_idle(now)
         if self.lifetime_wheel:
             self._expire_lifetimes(now)
-        if not self.accepting and not self.draining and not self.capacity_paused \
-                and now >= self.accept_resume_at:
+        if (
+            not self.accepting
+            and not self.draining
+            and not self.capacity_paused
+            and now >= self.accept_resume_at
+        ):
             self._resume_accepting()
         standing_aside = self.balancer.state == AcceptState.ASIDE
         if standing_aside and self.balancer.should_rejoin(len(self.connections)):
@@ -375,13 +420,15 @@ class Worker:
         try:
             uss = self.memory_limit.exceeded(now)
         except OSError as exc:
-            log.warning("max_worker_memory: cannot read this worker's memory (%s); "
-                        "not checking it any more", exc)
+            log.warning(
+                "max_worker_memory: cannot read this worker's memory (%s); "
+                "not checking it any more",
+                exc,
+            )
             self.memory_limit = None
             return
         if uss:
-            self._request_recycling("recycling: memory %d bytes > max_worker_memory %d",
-                                    uss, limit)
+            self._request_recycling("recycling: memory %d bytes > max_worker_memory %d", uss, limit)
 
     def _request_recycling(self, why: str, *args: object) -> None:
         """Ask the master for a replacement, once; it sends TERM once that one serves."""
@@ -463,9 +510,13 @@ class Worker:
                     self._out_of_descriptors(exc, now)
                 elif exc.errno not in ACCEPT_TRANSIENT:
                     self.counters[Counter.ERRORS] += 1
-                    self.error_log.log(logging.WARNING, "accept on %s failed: %s",
-                                       listener.bound, exc.strerror,
-                                       key=f"accept {listener.bound} {exc.errno}")
+                    self.error_log.log(
+                        logging.WARNING,
+                        "accept on %s failed: %s",
+                        listener.bound,
+                        exc.strerror,
+                        key=f"accept {listener.bound} {exc.errno}",
+                    )
                 return
             client = socket.socket(family, kind, proto, fd)
             ticket = None
@@ -511,9 +562,14 @@ class Worker:
         self.accept_resume_at = now + EMFILE_PAUSE
         self.next_housekeeping = min(self.next_housekeeping, self.accept_resume_at)
         self.counters[Counter.ACCEPT_PAUSED_EMFILE] += 1
-        self.error_log.log(logging.WARNING, "out of file descriptors (%s) with %d connection(s) "
-                           "open: pausing accept for %.1fs", exc.strerror, len(self.connections),
-                           EMFILE_PAUSE, key="out of file descriptors")
+        self.error_log.log(
+            logging.WARNING,
+            "out of file descriptors (%s) with %d connection(s) open: pausing accept for %.1fs",
+            exc.strerror,
+            len(self.connections),
+            EMFILE_PAUSE,
+            key="out of file descriptors",
+        )
 
     # -- echoing (the common case is inlined in _loop) ------------------------------
     def _keep_unsent(self, conn: Connection, unsent: memoryview) -> None:
@@ -605,11 +661,17 @@ class Worker:
             self.admission.release(conn.ticket)
             conn.ticket = None
         self.balancer.set_open(len(self.connections))
-        if self.capacity_paused and len(self.connections) < self.config.max_connections \
-                and not self.draining:
+        if (
+            self.capacity_paused
+            and len(self.connections) < self.config.max_connections
+            and not self.draining
+        ):
             self._resume_accepting()
-        elif self.balancer.state == AcceptState.ASIDE and not self.draining \
-                and self.balancer.should_rejoin(len(self.connections)):
+        elif (
+            self.balancer.state == AcceptState.ASIDE
+            and not self.draining
+            and self.balancer.should_rejoin(len(self.connections))
+        ):
             self._rejoin()
 
     def _close_all(self, reason: Counter) -> None:
@@ -635,15 +697,18 @@ class Worker:
             self._close(conn, Counter.CLOSED_LIFETIME)
 
     # -- UDP -----------------------------------------------------------------------
-    def _datagram_echoes(self, limits: SharedLimits,
-                         policy: AddressPolicy | None) -> dict[int, DatagramEcho]:
+    def _datagram_echoes(
+        self, limits: SharedLimits, policy: AddressPolicy | None
+    ) -> dict[int, DatagramEcho]:
         datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
         if not datagram_listeners:
             return {}
         buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
         check = build_source_check(self.config, limits.udp_buckets, policy)
-        return {lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
-                for lst in datagram_listeners}
+        return {
+            lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
+            for lst in datagram_listeners
+        }
 
 
 class _ReportingWorker(Worker):
@@ -653,9 +718,16 @@ class _ReportingWorker(Worker):
     without a hook does not even look for one.
     """
 
-    def __init__(self, config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
-                 on_close: CloseHook) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        slot: WorkerSlot,
+        identity: WorkerIdentity,
+        master_alive_fd: int,
+        limits: SharedLimits,
+        on_close: CloseHook,
+    ) -> None:
         super().__init__(config, listeners, slot, identity, master_alive_fd, limits)
         self.on_close = on_close
 
@@ -706,9 +778,15 @@ def _enable_stack_dumps(config: Config) -> None:
         pass
 
 
-def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
-                 identity: WorkerIdentity, master_alive_fd: int, limits: SharedLimits,
-                 on_close: CloseHook | None = None) -> NoReturn:
+def start_worker(
+    config: Config,
+    listeners: list[Listener],
+    slot: WorkerSlot,
+    identity: WorkerIdentity,
+    master_alive_fd: int,
+    limits: SharedLimits,
+    on_close: CloseHook | None = None,
+) -> NoReturn:
     """Entry point in the freshly forked child. ``on_close``: see :data:`CloseHook`."""
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
@@ -717,7 +795,7 @@ def start_worker(config: Config, listeners: list[Listener], slot: WorkerSlot,
     if on_close is None:
         worker = Worker(config, listeners, slot, identity, master_alive_fd, limits)
     else:
-        worker = _ReportingWorker(config, listeners, slot, identity, master_alive_fd, limits,
-                                  on_close)
+        worker = _ReportingWorker(
+            config, listeners, slot, identity, master_alive_fd, limits, on_close
+        )
     worker.run()
-

@@ -12,7 +12,8 @@ from pathlib import Path
 from support.echod import echo_roundtrip, recv_until_eof, wait_until
 
 TEXT_LINE = re.compile(
-    r"^\S+Z INFO +\[worker (?P<worker>\d+) (?P<pid>\d+)\] access (?P<fields>.*)$")
+    r"^\S+Z INFO +\[worker (?P<worker>\d+) (?P<pid>\d+)\] access (?P<fields>.*)$"
+)
 
 
 def _text_fields(line: str) -> dict[str, str]:
@@ -52,8 +53,9 @@ def test_a_line_per_connection_with_bytes_and_client_eof(start_echod, tmp_path: 
             assert echo_roundtrip(sock, payload) == payload
             peers.append(_name(sock))
     for peer, payload in zip(peers, payloads, strict=True):
-        fields = wait_until(lambda peer=peer: _line_for(access, peer), 10,
-                            message=f"the access line of {peer}")
+        fields = wait_until(
+            lambda peer=peer: _line_for(access, peer), 10, message=f"the access line of {peer}"
+        )
         assert fields["bytes_in"] == str(len(payload)), fields
         assert fields["bytes_out"] == str(len(payload)), fields
         assert fields["reason"] == "client_eof"
@@ -82,7 +84,10 @@ def test_half_close_then_eof_counts_everything_echoed(start_echod, tmp_path: Pat
         peer = _name(sock)
     fields = wait_until(lambda: _line_for(access, peer), 10, message="the access line")
     assert (fields["bytes_in"], fields["bytes_out"], fields["reason"]) == (
-        str(len(payload)), str(len(payload)), "client_eof")
+        str(len(payload)),
+        str(len(payload)),
+        "client_eof",
+    )
 
 
 def test_idle_timeout_is_the_reason(start_echod, tmp_path: Path) -> None:
@@ -115,8 +120,11 @@ def test_shutdown_closes_are_logged(start_echod, tmp_path: Path) -> None:
 def test_json_access_log(start_echod, tmp_path: Path) -> None:
     access = tmp_path / "access.json"
     server = start_echod("--log-format", "json", config={"access_log": str(access)})
-    port = next(int(m.group(1)) for line in server.lines
-                if (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line)))
+    port = next(
+        int(m.group(1))
+        for line in server.lines
+        if (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line))
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         assert echo_roundtrip(sock, b"hello json") == b"hello json"
         peer = _name(sock)
@@ -136,8 +144,10 @@ def test_access_log_to_stderr(start_echod) -> None:
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"to stderr") == b"to stderr"
         peer = _name(sock)
-    server.wait_for_log(rf"access peer={re.escape(peer)} .* bytes_in=9 bytes_out=9 "
-                        r"reason=client_eof")
+    server.wait_for_log(
+        rf"access peer={re.escape(peer)} .* bytes_in=9 bytes_out=9 "
+        r"reason=client_eof"
+    )
 
 
 def test_unix_socket_connections(start_echod, tmp_path: Path) -> None:

@@ -48,18 +48,25 @@ def test_deny_wins_over_allow(start_echod) -> None:
         assert is_served(ok)
 
 
-@pytest.mark.parametrize("key, value, problem", [
-    ("allow", '["127.0.0.1/33"]', "allow: '127.0.0.1/33' is not an address or network"),
-    ("deny", '["127.0.0.1/8"]', "deny: '127.0.0.1/8' has host bits set"),
-    ("udp_deny_source_ports", '[7, "x"]', "udp_deny_source_ports must be a list of integers"),
-    ("max_connections_per_ip", "-1", "max_connections_per_ip: must be between 0 and 65535"),
-])
-def test_bad_admission_config_names_the_key(tmp_path, key: str, value: str,
-                                            problem: str) -> None:
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("allow", '["127.0.0.1/33"]', "allow: '127.0.0.1/33' is not an address or network"),
+        ("deny", '["127.0.0.1/8"]', "deny: '127.0.0.1/8' has host bits set"),
+        ("udp_deny_source_ports", '[7, "x"]', "udp_deny_source_ports must be a list of integers"),
+        ("max_connections_per_ip", "-1", "max_connections_per_ip: must be between 0 and 65535"),
+    ],
+)
+def test_bad_admission_config_names_the_key(tmp_path, key: str, value: str, problem: str) -> None:
     path = tmp_path / "echod.toml"
     path.write_text(f"{key} = {value}\n")
-    done = subprocess.run([*echod_command(), "-t", "-c", str(path)], env=child_env(),
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [*echod_command(), "-t", "-c", str(path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 78
     assert problem in done.stderr
 
@@ -89,15 +96,17 @@ def _holders(server, sockets: list[socket.socket]) -> dict[int, int]:
     ports = {sock.getsockname()[1] for sock in sockets}
     held = {}
     for pid in server.worker_pids():
-        with_us = [c for c in psutil.Process(pid).net_connections("tcp")
-                   if c.raddr and c.raddr.port in ports]
+        with_us = [
+            c
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.raddr and c.raddr.port in ports
+        ]
         if with_us:
             held[pid] = len(with_us)
     return held
 
 
-def test_per_ip_limit_is_exact_across_workers_and_survives_a_killed_worker(
-        start_echod) -> None:
+def test_per_ip_limit_is_exact_across_workers_and_survives_a_killed_worker(start_echod) -> None:
     limit, extra = 4, 3
     server = start_echod(workers=3, config={"max_connections_per_ip": limit})
     server.wait_workers(3)
@@ -110,8 +119,9 @@ def test_per_ip_limit_is_exact_across_workers_and_survives_a_killed_worker(
     # closing some makes room again, exactly as much
     for sock in served[:2]:
         sock.close()
-    served = served[2:] + [wait_until(lambda: _one_more(server), message="a freed place")
-                           for _ in range(2)]
+    served = served[2:] + [
+        wait_until(lambda: _one_more(server), message="a freed place") for _ in range(2)
+    ]
     with connect_from(server) as over:
         assert not is_served(over)
 
@@ -119,12 +129,18 @@ def test_per_ip_limit_is_exact_across_workers_and_survives_a_killed_worker(
     held = _holders(server, served)
     victim = max(held, key=held.__getitem__)
     lost = held[victim]
-    survivors = [sock for sock in served if sock.getsockname()[1] not in {
-        c.raddr.port for c in psutil.Process(victim).net_connections("tcp") if c.raddr}]
+    survivors = [
+        sock
+        for sock in served
+        if sock.getsockname()[1]
+        not in {c.raddr.port for c in psutil.Process(victim).net_connections("tcp") if c.raddr}
+    ]
     psutil.Process(victim).send_signal(signal.SIGKILL)
     server.wait_workers(3, exclude={victim})
-    regained = [wait_until(lambda: _one_more(server), message="places of the dead worker")
-                for _ in range(lost)]
+    regained = [
+        wait_until(lambda: _one_more(server), message="places of the dead worker")
+        for _ in range(lost)
+    ]
     with connect_from(server) as over:
         assert not is_served(over)
     assert all(is_served(sock) for sock in survivors)

@@ -38,8 +38,11 @@ def per_worker(server, expected_total: int, workers: int) -> dict[int, int]:
                 conns = psutil.Process(pid).net_connections(kind="tcp4")
             except psutil.Error:
                 return None
-            held[pid] = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED
-                            and c.laddr.port == server.port)
+            held[pid] = sum(
+                1
+                for c in conns
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
+            )
         if len(held) == workers and sum(held.values()) == expected_total:
             return held
         return None
@@ -49,8 +52,11 @@ def per_worker(server, expected_total: int, workers: int) -> dict[int, int]:
 
 def client_ports_of(pid: int) -> set[int]:
     """The client-side ports of the connections this worker holds."""
-    return {c.raddr.port for c in psutil.Process(pid).net_connections(kind="tcp4")
-            if c.raddr and c.status == psutil.CONN_ESTABLISHED}
+    return {
+        c.raddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp4")
+        if c.raddr and c.status == psutil.CONN_ESTABLISHED
+    }
 
 
 def assert_balanced(held: dict[int, int], total: int) -> None:
@@ -165,17 +171,28 @@ def test_a_single_worker_takes_everything(start_echod, clients) -> None:
     assert list(per_worker(server, 50, 1).values()) == [50]
 
 
-def test_status_shows_each_workers_share_and_the_spread(start_echod, clients,
-                                                       runtime_dir) -> None:
+def test_status_shows_each_workers_share_and_the_spread(start_echod, clients, runtime_dir) -> None:
     server = start_echod(workers=WORKERS)
     server.wait_workers(WORKERS)
     clients += one_after_another(server, 40)
     held = per_worker(server, 40, WORKERS)
 
     def status() -> dict | None:
-        result = subprocess.run([sys.executable, "-m", "echod.ctl.main", "status", "--json",
-                                 "--runtime-dir", str(runtime_dir)], capture_output=True,
-                                text=True, timeout=60, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "echod.ctl.main",
+                "status",
+                "--json",
+                "--runtime-dir",
+                str(runtime_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         assert result.returncode == 0, result.stderr
         document = json.loads(result.stdout)
         return document if document["totals"]["active"] == 40 else None
@@ -188,9 +205,13 @@ def test_status_shows_each_workers_share_and_the_spread(start_echod, clients,
     spread = document["totals"]["spread_max_over_fair"]
     assert spread == round(max(held.values()) * WORKERS / 40, 2)
     assert spread <= spread_bound(40, WORKERS) * WORKERS / 40
-    text = subprocess.run([sys.executable, "-m", "echod.ctl.main", "status", "--runtime-dir",
-                           str(runtime_dir)], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+    text = subprocess.run(
+        [sys.executable, "-m", "echod.ctl.main", "status", "--runtime-dir", str(runtime_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert "SHARE" in text.stdout
     assert f"spread: busiest worker holds {spread:.2f} x its fair share" in text.stdout
 

@@ -12,14 +12,22 @@ from support.echod import child_env, echod_command
 from support.paths import ETC
 
 
-def run_echod(*args: str, env: dict[str, str] | None = None,
-              timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(echod_command() + list(args), capture_output=True, text=True,
-                          env=child_env(env), timeout=timeout, stdin=subprocess.DEVNULL)
+def run_echod(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        echod_command() + list(args),
+        capture_output=True,
+        text=True,
+        env=child_env(env),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int,
-                         *needles: str) -> None:
+def assert_clean_failure(
+    result: subprocess.CompletedProcess[str], code: int, *needles: str
+) -> None:
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
@@ -40,15 +48,18 @@ def test_help_exits_zero() -> None:
     assert "--bind" in result.stdout and "USR2" in result.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--no-such-flag"], "unrecognized arguments"),
-    (["-b", "nonsense"], "--bind"),
-    (["-b", "127.0.0.1:99999"], "out of range"),
-    (["-b", "::1:7007"], "brackets"),
-    (["-w", "0"], "--workers"),
-    (["-w", "many"], "whole number"),
-    (["--log-level", "loud"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["-b", "nonsense"], "--bind"),
+        (["-b", "127.0.0.1:99999"], "out of range"),
+        (["-b", "::1:7007"], "brackets"),
+        (["-w", "0"], "--workers"),
+        (["-w", "many"], "whole number"),
+        (["--log-level", "loud"], "invalid choice"),
+    ],
+)
 def test_bad_command_line_exits_64(args: list[str], needle: str, tmp_path: Path) -> None:
     assert_clean_failure(run_echod("-F", "--runtime-dir", str(tmp_path), *args), 64, needle)
 
@@ -58,18 +69,22 @@ def test_missing_config_file_exits_78(tmp_path: Path) -> None:
     assert_clean_failure(result, 78, "nope.toml", "not found")
 
 
-@pytest.mark.parametrize("content,needles", [
-    ("workers = [", ["invalid TOML"]),
-    ("wokers = 4", ["unknown key 'wokers'", "did you mean 'workers'"]),
-    ("workers = 'four'", ["workers", "integer"]),
-    ("workers = 0", ["workers", "between 1 and"]),
-    ("idle_timeout = -1", ["idle_timeout", "0 or greater"]),
-    ("bind = ['nowhere']", ["bind"]),
-    ("log_format = 'xml'", ["log_format", "text, json"]),
-    ("[server]\nworkers = 2", ["[server]"]),
-])
-def test_bad_config_exits_78_naming_the_key(content: str, needles: list[str],
-                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        ("workers = [", ["invalid TOML"]),
+        ("wokers = 4", ["unknown key 'wokers'", "did you mean 'workers'"]),
+        ("workers = 'four'", ["workers", "integer"]),
+        ("workers = 0", ["workers", "between 1 and"]),
+        ("idle_timeout = -1", ["idle_timeout", "0 or greater"]),
+        ("bind = ['nowhere']", ["bind"]),
+        ("log_format = 'xml'", ["log_format", "text, json"]),
+        ("[server]\nworkers = 2", ["[server]"]),
+    ],
+)
+def test_bad_config_exits_78_naming_the_key(
+    content: str, needles: list[str], tmp_path: Path
+) -> None:
     path = tmp_path / "echod.toml"
     path.write_text(content)
     assert_clean_failure(run_echod("-t", "-c", str(path)), 78, str(path), *needles)
@@ -92,8 +107,12 @@ def test_shipped_config_is_valid() -> None:
 def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
     path = tmp_path / "echod.toml"
     path.write_text("workers = 3\nbacklog = 77\nidle_timeout = 5\n")
-    result = run_echod("--print-config", "-w", "5", env={
-        "ECHOD_CONFIG": str(path), "ECHOD_WORKERS": "4", "ECHOD_IDLE_TIMEOUT": "9"})
+    result = run_echod(
+        "--print-config",
+        "-w",
+        "5",
+        env={"ECHOD_CONFIG": str(path), "ECHOD_WORKERS": "4", "ECHOD_IDLE_TIMEOUT": "9"},
+    )
     assert result.returncode == 0, result.stderr
     effective = tomllib.loads(result.stdout)
     assert effective["workers"] == 5  # CLI beats env

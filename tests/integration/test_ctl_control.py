@@ -12,8 +12,13 @@ from support.echod import echo_roundtrip, wait_until
 
 
 def echoctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "echod.ctl.main", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "echod.ctl.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -> None:
@@ -39,8 +44,7 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
         assert {w["state"] for w in document["workers"]} == {"ready"}
         assert document["totals"]["connections"] >= 3
         assert document["totals"]["bytes_in"] >= 15
-        assert all(w["rss_bytes"] > 0 and w["heartbeat_age_s"] < 30
-                   for w in document["workers"])
+        assert all(w["rss_bytes"] > 0 and w["heartbeat_age_s"] < 30 for w in document["workers"])
         text = echoctl("--runtime-dir", str(runtime_dir), "status")  # option before verb
         assert text.returncode == 0
         assert f"master pid {server.pid}" in text.stdout
@@ -103,16 +107,18 @@ def test_upgrade_keeps_the_pid_and_replaces_workers(start_echod, runtime_dir: Pa
     result = echoctl("upgrade", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"pid {server.pid}" in result.stdout
-    wait_until(lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 2,
-               20, message="old workers gone")
+    wait_until(
+        lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 2,
+        20,
+        message="old workers gone",
+    )
     assert server.proc.poll() is None
 
 
 def test_reopen_logs(start_echod, runtime_dir: Path, tmp_path: Path) -> None:
     log_file = tmp_path / "e.log"
     server = start_echod("--log-file", str(log_file), wait=False)
-    wait_until(lambda: log_file.exists() and "ready" in log_file.read_text(), 15,
-               message="ready")
+    wait_until(lambda: log_file.exists() and "ready" in log_file.read_text(), 15, message="ready")
     log_file.rename(tmp_path / "e.log.1")
     result = echoctl("reopen-logs", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0
@@ -121,8 +127,7 @@ def test_reopen_logs(start_echod, runtime_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_stop_waits_until_the_master_is_gone(start_echod, runtime_dir: Path,
-                                             fast: bool) -> None:
+def test_stop_waits_until_the_master_is_gone(start_echod, runtime_dir: Path, fast: bool) -> None:
     server = start_echod(workers=2)
     result = echoctl("stop", *(["--fast"] if fast else []), "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0, result.stdout + result.stderr

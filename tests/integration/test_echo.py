@@ -46,7 +46,7 @@ def _send_and_collect(sock: socket.socket, payload: bytes, chunks: list[int]) ->
     thread.start()
     offset = 0
     for size in chunks:
-        sock.sendall(payload[offset:offset + size])
+        sock.sendall(payload[offset : offset + size])
         offset += size
     sock.sendall(payload[offset:])
     thread.join(60)
@@ -73,8 +73,10 @@ def test_nul_and_all_byte_values(shared_server) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[FIXTURE_CHECK])
-@given(payload=st.binary(min_size=1, max_size=50_000),
-       cuts=st.lists(st.integers(min_value=1, max_value=7000), max_size=20))
+@given(
+    payload=st.binary(min_size=1, max_size=50_000),
+    cuts=st.lists(st.integers(min_value=1, max_value=7000), max_size=20),
+)
 def test_any_chunking_is_echoed_exactly(shared_server, payload: bytes, cuts: list[int]) -> None:
     with shared_server.connect() as sock:
         assert _send_and_collect(sock, payload, cuts) == payload
@@ -130,8 +132,9 @@ def test_half_close_flushes_more_than_the_socket_buffers_hold(start_echod) -> No
     payload = os.urandom(4 << 20)
     with server.connect() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        writer = threading.Thread(target=lambda: (sock.sendall(payload),
-                                                  sock.shutdown(socket.SHUT_WR)))
+        writer = threading.Thread(
+            target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR))
+        )
         writer.start()
         # let the server accumulate pending data it cannot send yet
         writer.join(2)

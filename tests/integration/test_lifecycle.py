@@ -48,8 +48,7 @@ def test_hup_with_a_broken_config_keeps_the_old_one(start_echod, tmp_path: Path)
     config_path.write_text("wokers = 2\n")
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"reload failed, keeping the running configuration: .*wokers",
-                        start=mark)
+    server.wait_for_log(r"reload failed, keeping the running configuration: .*wokers", start=mark)
     assert server.worker_pids() == old
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"still serving") == b"still serving"
@@ -122,8 +121,11 @@ def test_recycling_on_max_worker_memory(start_echod) -> None:
     # no metrics_bind: no metrics process either, the worker alone decides
     assert [p.pid for p in psutil.Process(server.pid).children()] == [original]
     # the worker's own verdict (it samples its USS every 3 s), then the master's replacement
-    server.wait_for_log(rf"\[worker 1 {original}\] recycling: memory \d+ bytes > "
-                        r"max_worker_memory 1024", timeout=20)
+    server.wait_for_log(
+        rf"\[worker 1 {original}\] recycling: memory \d+ bytes > "
+        r"max_worker_memory 1024",
+        timeout=20,
+    )
     server.wait_for_log(rf"recycling worker 1 \(pid {original}\)", timeout=10)
     wait_until(lambda: original not in server.worker_pids(), 20, message="recycled worker")
     with server.connect() as sock:
@@ -133,15 +135,21 @@ def test_recycling_on_max_worker_memory(start_echod) -> None:
 def test_usr1_recreates_a_moved_log_file(start_echod, tmp_path: Path) -> None:
     log_file = tmp_path / "echod.log"
     server = start_echod("--log-file", str(log_file), workers=1, wait=False)
-    wait_until(lambda: log_file.exists() and "ready" in log_file.read_text(), 15,
-               message="ready in the log file")
+    wait_until(
+        lambda: log_file.exists() and "ready" in log_file.read_text(),
+        15,
+        message="ready in the log file",
+    )
     moved = tmp_path / "echod.log.1"
     log_file.rename(moved)
     server.send_signal(signal.SIGUSR1)
     wait_until(log_file.exists, 10, message="a new log file")
     server.send_signal(signal.SIGTTIN)  # something for master and a worker to log
-    wait_until(lambda: "started worker 2" in log_file.read_text(), 10,
-               message="new lines in the new log file")
+    wait_until(
+        lambda: "started worker 2" in log_file.read_text(),
+        10,
+        message="new lines in the new log file",
+    )
     assert "reopening log files" in moved.read_text()
 
 
@@ -191,8 +199,9 @@ def test_usr2_with_failing_preflight_changes_nothing(start_echod, tmp_path: Path
     config_path.write_text("workers = 'many'\n")
     mark = server.mark()
     server.send_signal(signal.SIGUSR2)
-    server.wait_for_log(r"upgrade aborted, everything keeps running as it was: .*workers",
-                        start=mark)
+    server.wait_for_log(
+        r"upgrade aborted, everything keeps running as it was: .*workers", start=mark
+    )
     assert server.worker_pids() == old
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"unchanged") == b"unchanged"

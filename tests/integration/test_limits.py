@@ -162,8 +162,9 @@ def test_full_worker_leaves_connections_to_others(start_echod) -> None:
             sock = server.connect()
             clients.append(sock)
             assert echo_roundtrip(sock, f"c{index}".encode()) == f"c{index}".encode()
-        per_worker = wait_until(lambda: _established_per_worker(server, 2), 10,
-                                message="connections on both workers")
+        per_worker = wait_until(
+            lambda: _established_per_worker(server, 2), 10, message="connections on both workers"
+        )
         assert per_worker == [5, 5]
     finally:
         for sock in clients:

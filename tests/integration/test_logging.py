@@ -146,6 +146,7 @@ def test_text_formatter_for_journald_prefixes_every_line() -> None:
 
 # -- the real server ---------------------------------------------------------------------
 
+
 def _port_from_json(server) -> int:
     for line in server.lines:
         document = json.loads(line)
@@ -156,8 +157,9 @@ def _port_from_json(server) -> int:
 
 
 def test_every_line_is_json_with_log_format_json(start_echod) -> None:
-    server = start_echod("--log-format", "json", workers=2,
-                         config={"idle_timeout": 1, "access_log": "-"})
+    server = start_echod(
+        "--log-format", "json", workers=2, config={"idle_timeout": 1, "access_log": "-"}
+    )
     port = _port_from_json(server)
     import socket
 
@@ -204,8 +206,9 @@ def test_text_lines_carry_journald_priorities_under_systemd(start_echod) -> None
     assert server.wait(30) == 0
     assert server.lines
     for line in server.lines:
-        assert re.match(r"<[0-7]>(DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[(master|worker \d+) \d+\] ",
-                        line), line
+        assert re.match(
+            r"<[0-7]>(DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[(master|worker \d+) \d+\] ", line
+        ), line
 
 
 def test_text_lines_are_logfmt_like_without_journald(start_echod) -> None:
@@ -214,5 +217,8 @@ def test_text_lines_are_logfmt_like_without_journald(start_echod) -> None:
     assert server.wait(30) == 0
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
     for line in server.lines:
-        assert re.match(stamp + r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[(master|worker \d+) "
-                        r"\d+\] ", line), line
+        assert re.match(
+            stamp + r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[(master|worker \d+) "
+            r"\d+\] ",
+            line,
+        ), line

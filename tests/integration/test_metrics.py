@@ -74,8 +74,9 @@ class MonotonicWatch:
             self.last[key] = current
         return samples
 
-    def until(self, predicate: Callable[[Samples], bool], message: str,
-              timeout: float = 15.0) -> Samples:
+    def until(
+        self, predicate: Callable[[Samples], bool], message: str, timeout: float = 15.0
+    ) -> Samples:
         def satisfied() -> Samples | None:
             samples = self.scrape()
             return samples if predicate(samples) else None
@@ -118,21 +119,36 @@ def test_exposition_is_valid_with_help_and_type(start_echod) -> None:
     helps = set(re.findall(r"^# HELP (\S+) \S", text, re.M))
     types = dict(re.findall(r"^# TYPE (\S+) (counter|gauge)$", text, re.M))
     assert helps == set(types), helps ^ set(types)
-    for name in ("echod_build_info", "echod_workers", "echod_worker_restarts",
-                 "echod_connections_active", "echod_connections", "echod_connections_rejected",
-                 "echod_bytes_received", "echod_bytes_sent", "echod_accept_errors",
-                 "echod_udp_datagrams", "echod_reloads", "echod_connections_closed",
-                 "echod_worker_connections_active", "process_cpu_seconds",
-                 "process_resident_memory_bytes", "echod_worker_cpu_seconds",
-                 "echod_worker_resident_memory_bytes"):
+    for name in (
+        "echod_build_info",
+        "echod_workers",
+        "echod_worker_restarts",
+        "echod_connections_active",
+        "echod_connections",
+        "echod_connections_rejected",
+        "echod_bytes_received",
+        "echod_bytes_sent",
+        "echod_accept_errors",
+        "echod_udp_datagrams",
+        "echod_reloads",
+        "echod_connections_closed",
+        "echod_worker_connections_active",
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "echod_worker_cpu_seconds",
+        "echod_worker_resident_memory_bytes",
+    ):
         assert name in families, name
     samples = scrape(_endpoint(server))
     assert value(samples, "echod_workers", state="ready") == 2
     build = [labels for (name, labels) in samples if name == "echod_build_info"]
     assert dict(build[0])["version"]
     assert value(samples, "process_resident_memory_bytes") > 0
-    assert {dict(labels)["worker"] for (name, labels) in samples
-            if name == "echod_worker_connections_active"} == {"1", "2"}
+    assert {
+        dict(labels)["worker"]
+        for (name, labels) in samples
+        if name == "echod_worker_connections_active"
+    } == {"1", "2"}
 
 
 def test_totals_move_with_traffic_and_survive_a_killed_worker(start_echod) -> None:
@@ -143,21 +159,28 @@ def test_totals_move_with_traffic_and_survive_a_killed_worker(start_echod) -> No
     for index in range(20):
         with server.connect() as sock:
             assert echo_roundtrip(sock, bytes([index]) * 1000) == bytes([index]) * 1000
-    watch.until(lambda s: value(s, "echod_connections_total") >= 20
-                and value(s, "echod_bytes_received_total", transport="stream") >= 20_000
-                and value(s, "echod_bytes_sent_total", transport="stream") >= 20_000
-                and value(s, "echod_connections_closed_total", reason="client_eof") >= 20,
-                "the first 20 connections to be counted")
+    watch.until(
+        lambda s: (
+            value(s, "echod_connections_total") >= 20
+            and value(s, "echod_bytes_received_total", transport="stream") >= 20_000
+            and value(s, "echod_bytes_sent_total", transport="stream") >= 20_000
+            and value(s, "echod_connections_closed_total", reason="client_eof") >= 20
+        ),
+        "the first 20 connections to be counted",
+    )
     victim = server.wait_workers(2)[0]
     with Load(server) as load:
         wait_until(lambda: load.done >= 20, 15, message="load to flow")
         for _ in range(5):
             watch.scrape()
         psutil.Process(victim).kill()
-        after = watch.until(lambda s: value(s, "echod_worker_restarts_total",
-                                            reason="crashed") == 1
-                            and value(s, "echod_workers", state="ready") == 2,
-                            "restarts_total{crashed} after SIGKILL")
+        after = watch.until(
+            lambda s: (
+                value(s, "echod_worker_restarts_total", reason="crashed") == 1
+                and value(s, "echod_workers", state="ready") == 2
+            ),
+            "restarts_total{crashed} after SIGKILL",
+        )
         done_at_kill = load.done
         wait_until(lambda: load.done >= done_at_kill + 20, 15, message="load after the kill")
         for _ in range(5):
@@ -166,10 +189,11 @@ def test_totals_move_with_traffic_and_survive_a_killed_worker(start_echod) -> No
     # A SIGKILLed worker takes its last unpublished heartbeat's worth of counts with it;
     # everything published before, and everything after the restart, is in the totals.
     after_restart = load.done - done_at_kill
-    final = watch.until(lambda s: value(s, "echod_connections_total") >= 20 + after_restart,
-                        "the load's connections to be counted")
-    assert value(final, "echod_bytes_sent_total", transport="stream") >= 1000 * (
-        20 + after_restart)
+    final = watch.until(
+        lambda s: value(s, "echod_connections_total") >= 20 + after_restart,
+        "the load's connections to be counted",
+    )
+    assert value(final, "echod_bytes_sent_total", transport="stream") >= 1000 * (20 + after_restart)
     assert value(after, "echod_worker_restarts_total", reason="timeout") == 0
     assert watch.scrapes >= 12
 
@@ -182,23 +206,31 @@ def test_reload_and_worker_counts(start_echod) -> None:
     try:
         for sock in clients:
             assert echo_roundtrip(sock, b"held") == b"held"
-        watch.until(lambda s: value(s, "echod_connections_active") == 3
-                    and sum(v for (n, _), v in s.items()
-                            if n == "echod_worker_connections_active") == 3,
-                    "3 active connections")
+        watch.until(
+            lambda s: (
+                value(s, "echod_connections_active") == 3
+                and sum(v for (n, _), v in s.items() if n == "echod_worker_connections_active") == 3
+            ),
+            "3 active connections",
+        )
     finally:
         for sock in clients:
             sock.close()
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
     server.wait_for_log(r"generation \d+ serving", start=mark)
-    samples = watch.until(lambda s: value(s, "echod_reloads_total", result="ok") == 1
-                          and value(s, "echod_generation") == 2
-                          and value(s, "echod_workers", state="ready") == 2
-                          and value(s, "echod_workers", state="draining") == 0,
-                          "reloads_total{ok} and generation 2 after HUP")
-    generations = {dict(labels)["generation"] for (name, labels) in samples
-                   if name == "echod_worker_info"}
+    samples = watch.until(
+        lambda s: (
+            value(s, "echod_reloads_total", result="ok") == 1
+            and value(s, "echod_generation") == 2
+            and value(s, "echod_workers", state="ready") == 2
+            and value(s, "echod_workers", state="draining") == 0
+        ),
+        "reloads_total{ok} and generation 2 after HUP",
+    )
+    generations = {
+        dict(labels)["generation"] for (name, labels) in samples if name == "echod_worker_info"
+    }
     assert generations == {"2"}
     # the old workers published their last counts on the way out and the master kept them
     assert value(samples, "echod_connections_total") == 3
@@ -216,8 +248,8 @@ def test_udp_datagrams_are_counted(start_echod) -> None:
             sock.sendto(b"datagram %d" % index, ("127.0.0.1", udp_port))
             assert sock.recvfrom(100)[0] == b"datagram %d" % index
     samples = MonotonicWatch(_endpoint(server)).until(
-        lambda s: value(s, "echod_udp_datagrams_total", result="echoed") == 5,
-        "5 echoed datagrams")
+        lambda s: value(s, "echod_udp_datagrams_total", result="echoed") == 5, "5 echoed datagrams"
+    )
     assert value(samples, "echod_udp_datagrams_received_total") == 5
     assert value(samples, "echod_bytes_received_total", transport="udp") == 5 * len(b"datagram 0")
 
@@ -323,8 +355,11 @@ def test_metrics_process_is_restarted_and_dies_with_the_master(start_echod) -> N
     first = wait_until(lambda: _metrics_process(server), 10, message="the metrics process")
     workers = server.wait_workers(1)  # the metrics process is not counted as a worker
     first.kill()
-    second = wait_until(lambda: (p := _metrics_process(server)) and p.pid != first.pid and p,
-                        10, message="a new metrics process")
+    second = wait_until(
+        lambda: (p := _metrics_process(server)) and p.pid != first.pid and p,
+        10,
+        message="a new metrics process",
+    )
     assert "echod_build_info" in _scrape_text(address)
     assert server.wait_workers(1) == workers  # workers were not touched
     server.wait_for_log(rf"metrics process \(pid {first.pid}\) was killed by SIGKILL")
@@ -358,16 +393,18 @@ def test_reload_moves_turns_on_and_keeps_the_endpoint(start_echod, tmp_path) -> 
         config.write_text(f'metrics_bind = "127.0.0.1:{taken.getsockname()[1]}"\n')
         mark = server.mark()
         server.send_signal(signal.SIGHUP)
-        server.wait_for_log(r"address already in use; metrics stay on 127\.0\.0\.1:0",
-                            start=mark)
+        server.wait_for_log(r"address already in use; metrics stay on 127\.0\.0\.1:0", start=mark)
         server.wait_for_log(r"generation \d+ serving", start=mark)
         assert "echod_build_info" in _scrape_text(first)
     config.write_text("")
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
     server.wait_for_log("metrics endpoint turned off", start=mark)
-    wait_until(lambda: _metrics_process(server) is None and not _connectable(first), 10,
-               message="the endpoint to go away")
+    wait_until(
+        lambda: _metrics_process(server) is None and not _connectable(first),
+        10,
+        message="the endpoint to go away",
+    )
 
 
 def _connectable(address: str) -> bool:
@@ -387,7 +424,9 @@ def test_out_of_descriptors_is_counted_and_logged_once(start_echod) -> None:
             clients.append(socket.create_connection((server.host, server.port), timeout=5))
         samples = watch.until(
             lambda s: value(s, "echod_accept_errors_total", errno="EMFILE") >= 3,
-            "three EMFILE pauses", timeout=8)
+            "three EMFILE pauses",
+            timeout=8,
+        )
         assert value(samples, "echod_accept_paused_total", reason="out_of_descriptors") >= 3
         # three or more occurrences within the 10 s window: a single log line
         assert server.output.count("out of file descriptors") == 1, server.output
@@ -416,8 +455,12 @@ def test_metrics_endpoint_survives_an_in_place_upgrade(start_echod) -> None:
 
 
 def test_rejections_and_udp_drops_are_counted_by_reason(start_echod) -> None:
-    config = {**CONFIG, "max_connections_per_ip": 1,
-              "udp_rate_per_source": 1, "udp_burst_per_source": 1}
+    config = {
+        **CONFIG,
+        "max_connections_per_ip": 1,
+        "udp_rate_per_source": 1,
+        "udp_burst_per_source": 1,
+    }
     server = start_echod(bind=["127.0.0.1:0", "udp://127.0.0.1:0"], workers=2, config=config)
     udp_port = next(int(a.rsplit(":", 1)[1]) for a in server.addresses if a.startswith("udp://"))
     with server.connect() as held:
@@ -431,8 +474,8 @@ def test_rejections_and_udp_drops_are_counted_by_reason(start_echod) -> None:
         for _ in range(20):  # the burst of 1 lets one through, the rest are over rate
             sock.sendto(b"flood", ("127.0.0.1", udp_port))
     samples = MonotonicWatch(_endpoint(server)).until(
-        lambda s: value(s, "echod_udp_datagrams_received_total") == 20,
-        "20 received datagrams")
+        lambda s: value(s, "echod_udp_datagrams_received_total") == 20, "20 received datagrams"
+    )
     assert value(samples, "echod_connections_rejected_total", reason="per_ip_limit") == 1
     echoed = value(samples, "echod_udp_datagrams_total", result="echoed")
     dropped = value(samples, "echod_udp_datagrams_total", result="dropped_rate_limit")

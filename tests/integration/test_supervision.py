@@ -151,8 +151,9 @@ def test_hung_worker_is_killed_after_worker_timeout(start_echod) -> None:
     assert healthy in server.worker_pids()
 
 
-def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(start_echod,
-                                                                    tmp_path: Path) -> None:
+def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(
+    start_echod, tmp_path: Path
+) -> None:
     server = start_echod(workers=2, wait=False, env=boot_fault_env(tmp_path / "faults"))
     assert server.wait(20) == 1
     server.wait_for_log("cannot start")

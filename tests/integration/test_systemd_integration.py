@@ -39,23 +39,35 @@ class NotifySocket:
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append(fields)
 
-    def wait_for(self, key: str, value: str | None = None, after: int = 0,
-                 timeout: float = 20) -> int:
+    def wait_for(
+        self, key: str, value: str | None = None, after: int = 0, timeout: float = 20
+    ) -> int:
         """Index of the first message from `after` on that has key (=value)."""
+
         def find() -> int | None:
             self.poll()
             for index, message in enumerate(self.messages[after:], after):
                 if key in message and (value is None or message[key] == value):
                     return index + 1  # +1: truthy even for the first message
             return None
+
         return wait_until(find, timeout, message=f"{key}={value} from echod") - 1
 
 
-def test_notify_ready_reloading_ready_stopping_and_watchdog(tmp_path: Path,
-                                                            runtime_dir: Path) -> None:
+def test_notify_ready_reloading_ready_stopping_and_watchdog(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
-    argv = [*echod_command(), "-F", "-w", "2", "-b", "127.0.0.1:0", "--runtime-dir",
-            str(runtime_dir)]
+    argv = [
+        *echod_command(),
+        "-F",
+        "-w",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--runtime-dir",
+        str(runtime_dir),
+    ]
     env = child_env({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
     server = EchodProcess(argv, env, runtime_dir)
     try:
@@ -80,12 +92,24 @@ def test_notify_ready_reloading_ready_stopping_and_watchdog(tmp_path: Path,
         notify.sock.close()
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
-                    reason="systemd-socket-activate not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed"
+)
 def test_socket_activation_hands_echod_its_socket(tmp_path: Path, runtime_dir: Path) -> None:
     port = free_port()
-    argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *echod_command(), "-F",
-            "-w", "2", "-b", f"127.0.0.1:{port}", "--runtime-dir", str(runtime_dir)]
+    argv = [
+        "systemd-socket-activate",
+        "-l",
+        f"127.0.0.1:{port}",
+        *echod_command(),
+        "-F",
+        "-w",
+        "2",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--runtime-dir",
+        str(runtime_dir),
+    ]
     activator = EchodProcess(argv, child_env(), runtime_dir)
     try:
         activator.wait_for_log("Listening on")
@@ -111,6 +135,11 @@ def test_socket_activation_hands_echod_its_socket(tmp_path: Path, runtime_dir: P
 
 def test_check_config_is_what_the_unit_runs_first(tmp_path: Path) -> None:
     shipped = ETC / "echod.toml"
-    result = subprocess.run([*echod_command(), "--check-config", "--config", str(shipped)],
-                            capture_output=True, text=True, env=child_env(), timeout=30)
+    result = subprocess.run(
+        [*echod_command(), "--check-config", "--config", str(shipped)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=30,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "configuration OK"

@@ -35,8 +35,9 @@ SIZES = [1, 512, 1400, 8000, 65507]
 NO_LIMITS = {"udp_rate_per_source": 0, "udp_rate_total": 0}
 
 
-def roundtrip(sock: socket.socket, payload: bytes, server: tuple[str, int],
-              timeout: float = 5.0) -> tuple[bytes, tuple]:
+def roundtrip(
+    sock: socket.socket, payload: bytes, server: tuple[str, int], timeout: float = 5.0
+) -> tuple[bytes, tuple]:
     sock.settimeout(timeout)
     sock.sendto(payload, server)
     data, source = sock.recvfrom(70000)
@@ -45,7 +46,8 @@ def roundtrip(sock: socket.socket, payload: bytes, server: tuple[str, int],
 
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
 def test_datagrams_of_every_size_come_back_unchanged_from_the_bound_address(
-        start_echod, ipv6: bool) -> None:
+    start_echod, ipv6: bool
+) -> None:
     if ipv6 and not ipv6_available():
         pytest.skip("no IPv6 loopback")
     bind = "udp://[::1]:0" if ipv6 else "udp://127.0.0.1:0"
@@ -102,8 +104,10 @@ def test_datagrams_from_reflector_ports_are_not_answered(start_echod, port: int)
 def test_configured_source_port_is_dropped(start_echod) -> None:
     with udp_socket() as denied, udp_socket() as client:
         denied_port = denied.getsockname()[1]
-        server = start_echod(bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
-                             config={**NO_LIMITS, "udp_deny_source_ports": [denied_port]})
+        server = start_echod(
+            bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
+            config={**NO_LIMITS, "udp_deny_source_ports": [denied_port]},
+        )
         address = udp_address(server)
         denied.sendto(b"x", address)
         wait_counter(server, Counter.UDP_DROPPED_PORT, 1)
@@ -112,8 +116,9 @@ def test_configured_source_port_is_dropped(start_echod) -> None:
 
 
 def test_denied_source_addresses_are_dropped(start_echod) -> None:
-    server = start_echod(bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
-                         config={**NO_LIMITS, "deny": ["127.0.0.2"]})
+    server = start_echod(
+        bind=["127.0.0.1:0", "udp://127.0.0.1:0"], config={**NO_LIMITS, "deny": ["127.0.0.2"]}
+    )
     address = udp_address(server)
     with udp_socket(("127.0.0.2", 0)) as denied, udp_socket() as client:
         denied.sendto(b"x", address)
@@ -122,8 +127,9 @@ def test_denied_source_addresses_are_dropped(start_echod) -> None:
         assert roundtrip(client, b"y", address)[0] == b"y"
 
 
-def _flood(sockets: list[socket.socket], address: tuple[str, int], duration: float,
-           per_second: int) -> tuple[list[int], list[int], float]:
+def _flood(
+    sockets: list[socket.socket], address: tuple[str, int], duration: float, per_second: int
+) -> tuple[list[int], list[int], float]:
     """Send from every socket at `per_second` each for `duration`; count replies."""
     sent = [0] * len(sockets)
     answered = [0] * len(sockets)
@@ -142,8 +148,7 @@ def _flood(sockets: list[socket.socket], address: tuple[str, int], duration: flo
     return sent, answered, time.monotonic() - started
 
 
-def _collect_rest(server, sockets: list[socket.socket], sent: int,
-                  answered: list[int]) -> None:
+def _collect_rest(server, sockets: list[socket.socket], sent: int, answered: list[int]) -> None:
     # once the server has counted every datagram in, every reply is out already
     wait_counter(server, Counter.UDP_RECEIVED, sent)
     for index, sock in enumerate(sockets):
@@ -152,9 +157,11 @@ def _collect_rest(server, sockets: list[socket.socket], sent: int,
 
 def test_a_flooding_source_is_capped_while_others_are_answered(start_echod, capsys) -> None:
     rate, burst = 50, 20
-    server = start_echod(workers=2, bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
-                         config={"udp_rate_per_source": rate, "udp_burst_per_source": burst,
-                                 "udp_rate_total": 0})
+    server = start_echod(
+        workers=2,
+        bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
+        config={"udp_rate_per_source": rate, "udp_burst_per_source": burst, "udp_rate_total": 0},
+    )
     address = udp_address(server)
     with udp_socket(("127.0.0.1", 0)) as flooder, udp_socket(("127.0.0.2", 0)) as bystander:
         sent, answered, elapsed = _flood([flooder], address, duration=1.5, per_second=1000)
@@ -164,16 +171,21 @@ def test_a_flooding_source_is_capped_while_others_are_answered(start_echod, caps
         _collect_rest(server, [flooder], sent[0] + 5, answered)
     expected = burst + rate * elapsed
     with capsys.disabled():
-        print(f"\nper-source cap: sent {sent[0]} in {elapsed:.2f}s, answered {answered[0]}, "
-              f"expected ~{expected:.0f} (burst {burst} + {rate}/s)")
+        print(
+            f"\nper-source cap: sent {sent[0]} in {elapsed:.2f}s, answered {answered[0]}, "
+            f"expected ~{expected:.0f} (burst {burst} + {rate}/s)"
+        )
     assert burst <= answered[0] <= expected * 1.5 + 10, (sent, answered, expected)
     assert counter(server, Counter.UDP_DROPPED_RATE) >= sent[0] - answered[0] - 5
 
 
 def test_the_global_cap_holds_across_sources_and_workers(start_echod, capsys) -> None:
     total = 60
-    server = start_echod(workers=2, bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
-                         config={"udp_rate_per_source": 0, "udp_rate_total": total})
+    server = start_echod(
+        workers=2,
+        bind=["127.0.0.1:0", "udp://127.0.0.1:0"],
+        config={"udp_rate_per_source": 0, "udp_rate_total": total},
+    )
     address = udp_address(server)
     sources = [udp_socket((f"127.0.0.{index}", 0)) for index in (1, 2, 3)]
     try:
@@ -184,23 +196,25 @@ def test_the_global_cap_holds_across_sources_and_workers(start_echod, capsys) ->
             sock.close()
     expected = total + total * elapsed  # a one-second burst, then the rate
     with capsys.disabled():
-        print(f"\nglobal cap: sent {sum(sent)} from 3 sources in {elapsed:.2f}s, "
-              f"answered {sum(answered)} {answered}, expected ~{expected:.0f} "
-              f"({total} burst + {total}/s)")
+        print(
+            f"\nglobal cap: sent {sum(sent)} from 3 sources in {elapsed:.2f}s, "
+            f"answered {sum(answered)} {answered}, expected ~{expected:.0f} "
+            f"({total} burst + {total}/s)"
+        )
     assert total <= sum(answered) <= expected * 1.5 + 10, (sent, answered, expected)
     assert counter(server, Counter.UDP_DROPPED_RATE_TOTAL) > 0
     assert counter(server, Counter.UDP_DROPPED_RATE) == 0
 
 
-def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(
-        tmp_path: Path) -> None:
+def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(tmp_path: Path) -> None:
     """Needs a host with several addresses: a private network namespace has only
     loopback, where 127.0.0.2 and 127.0.0.3 are addresses too. Without pktinfo the
     kernel would answer them from 127.0.0.1."""
     if os.geteuid() != 0:
         pytest.skip("a private network namespace needs root")
     script = tmp_path / "in_netns.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import ctypes, fcntl, json, re, select, socket, struct, subprocess, sys, time
         if ctypes.CDLL(None, use_errno=True).unshare(0x40000000):  # CLONE_NEWNET
             print(json.dumps({{"skip": "unshare(CLONE_NEWNET) refused"}})); sys.exit()
@@ -240,9 +254,11 @@ def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(
         server.terminate()
         server.wait(10)
         print(json.dumps({{"results": results}}))
-    """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in outcome:
@@ -259,14 +275,22 @@ addresses_v6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)
 
 @given(addresses_v4)
 def test_ipv4_source_filter_matches_the_definition(address: ipaddress.IPv4Address) -> None:
-    never_unicast = (address in ipaddress.ip_network("0.0.0.0/8")
-                     or address.is_multicast or address in ipaddress.ip_network("240.0.0.0/4"))
+    never_unicast = (
+        address in ipaddress.ip_network("0.0.0.0/8")
+        or address.is_multicast
+        or address in ipaddress.ip_network("240.0.0.0/4")
+    )
     assert is_unicast_source_v4(str(address)) is not never_unicast
 
 
-@given(st.one_of(addresses_v6, st.sampled_from(["ff02::1", "ff::1", "ff0::1", "::",
-                                                "::ffff:224.0.0.1", "::ffff:127.0.0.1"])
-                 .map(ipaddress.IPv6Address)))
+@given(
+    st.one_of(
+        addresses_v6,
+        st.sampled_from(
+            ["ff02::1", "ff::1", "ff0::1", "::", "::ffff:224.0.0.1", "::ffff:127.0.0.1"]
+        ).map(ipaddress.IPv6Address),
+    )
+)
 def test_ipv6_source_filter_matches_the_definition(address: ipaddress.IPv6Address) -> None:
     mapped = address.ipv4_mapped
     if mapped is not None:

@@ -19,16 +19,18 @@ def counter(server: EchodProcess, which: Counter) -> int:
         board.close()
 
 
-def wait_counter(server: EchodProcess, which: Counter, at_least: int,
-                 timeout: float = 10.0) -> int:
-    return wait_until(lambda: (value := counter(server, which)) >= at_least and value,
-                      timeout, message=f"{which.name} >= {at_least}")
+def wait_counter(server: EchodProcess, which: Counter, at_least: int, timeout: float = 10.0) -> int:
+    return wait_until(
+        lambda: (value := counter(server, which)) >= at_least and value,
+        timeout,
+        message=f"{which.name} >= {at_least}",
+    )
 
 
 def udp_address(server: EchodProcess, ipv6: bool = False) -> tuple[str, int]:
     for address in server.addresses:
         if address.startswith("udp://"):
-            host, _, port = address[len("udp://"):].rpartition(":")
+            host, _, port = address[len("udp://") :].rpartition(":")
             if (":" in host) == ipv6:
                 return host.strip("[]"), int(port)
     raise AssertionError(f"no UDP {'IPv6' if ipv6 else 'IPv4'} listener logged")
@@ -56,8 +58,9 @@ def nothing_waiting(sock: socket.socket) -> bool:
     return not select.select([sock], [], [], 0)[0]
 
 
-def connect_from(server: EchodProcess, source: str = "127.0.0.1",
-                 timeout: float = 10.0) -> socket.socket:
+def connect_from(
+    server: EchodProcess, source: str = "127.0.0.1", timeout: float = 10.0
+) -> socket.socket:
     """A connected socket. A refusal may come so fast (loopback, RST at accept) that it
     lands before connect() returns; the socket is then handed back closed."""
     sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)

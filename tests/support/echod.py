@@ -26,8 +26,12 @@ LISTENING = re.compile(r"listening on (\S+)")
 READY = re.compile(r"ready: (\d+) worker")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-               message: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
     """Poll until predicate() is truthy; fail the test with `message` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -76,8 +80,9 @@ def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 10.0) -
 
 
 class EchodProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], runtime_dir: Path,
-                 nofile: int | None = None) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], runtime_dir: Path, nofile: int | None = None
+    ) -> None:
         self.argv = argv
         self.runtime_dir = runtime_dir
         self.lines: list[str] = []
@@ -87,11 +92,17 @@ class EchodProcess:
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=limit_descriptors,
-                                     cwd=runtime_dir.parent)  # not the repo: its egg-info
-                                     # would shadow the installed distribution's metadata
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=limit_descriptors,
+            cwd=runtime_dir.parent,
+        )  # not the repo: its egg-info
+        # would shadow the installed distribution's metadata
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -110,8 +121,9 @@ class EchodProcess:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 15.0,
-                     start: int = 0) -> re.Match[str]:
+    def wait_for_log(
+        self, pattern: str | re.Pattern[str], timeout: float = 15.0, start: int = 0
+    ) -> re.Match[str]:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -122,8 +134,10 @@ class EchodProcess:
                         return match
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no log line matching {regex.pattern!r}; "
-                                         f"output so far:\n{self.output_unlocked()}")
+                    raise AssertionError(
+                        f"no log line matching {regex.pattern!r}; "
+                        f"output so far:\n{self.output_unlocked()}"
+                    )
                 self._cond.wait(min(remaining, 0.2))
 
     def output_unlocked(self) -> str:
@@ -165,8 +179,9 @@ class EchodProcess:
             return []
         return sorted(c.pid for c in children if _is_worker(c))
 
-    def wait_workers(self, count: int, timeout: float = 15.0,
-                     exclude: set[int] | None = None) -> list[int]:
+    def wait_workers(
+        self, count: int, timeout: float = 15.0, exclude: set[int] | None = None
+    ) -> list[int]:
         exclude = exclude or set()
 
         def settled() -> list[int] | None:
@@ -201,8 +216,11 @@ def echod_command() -> list[str]:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ECHOD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ECHOD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -20,24 +20,26 @@ class LoadReport:
     errors: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"connections attempted={self.attempted} failed={self.failed} "
-                f"held round trips={self.held_roundtrips} errors={self.errors[:5]}")
+        return (
+            f"connections attempted={self.attempted} failed={self.failed} "
+            f"held round trips={self.held_roundtrips} errors={self.errors[:5]}"
+        )
 
 
 class ClientLoad:
     """`churners` threads connect/echo/close in a loop; `held` connections stay open
     and echo throughout. Use as a context manager; read `.report` afterwards."""
 
-    def __init__(self, host: str, port: int, churners: int = 2, held: int = 4,
-                 max_seconds: float = 60.0) -> None:
+    def __init__(
+        self, host: str, port: int, churners: int = 2, held: int = 4, max_seconds: float = 60.0
+    ) -> None:
         self.address = (host, port)
         self.report = LoadReport()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deadline = time.monotonic() + max_seconds
         self._held = [socket.create_connection(self.address, timeout=10) for _ in range(held)]
-        self._threads = [threading.Thread(target=self._churn, daemon=True)
-                         for _ in range(churners)]
+        self._threads = [threading.Thread(target=self._churn, daemon=True) for _ in range(churners)]
         self._threads.append(threading.Thread(target=self._converse, daemon=True))
 
     def __enter__(self) -> ClientLoad:

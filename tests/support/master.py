@@ -23,8 +23,9 @@ class FakeChildren(Children):
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     exits: list[tuple[int, int]] = field(default_factory=list)
 
-    def fork(self, keep: Sequence[Listener], body: object, *, failed: str,
-             failure_code: int) -> int:
+    def fork(
+        self, keep: Sequence[Listener], body: object, *, failed: str, failure_code: int
+    ) -> int:
         self.next_pid += 1
         self.forked.append(self.next_pid)
         return self.next_pid

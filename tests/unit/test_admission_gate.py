@@ -16,8 +16,9 @@ from echod.scoreboard import NUM_COUNTERS, Counter
 class FullTable:
     """A connection table in which no new client finds a place."""
 
-    def acquire(self, worker: int, key: bytes | None, per_client_limit: int,
-                total_limit: int) -> int:
+    def acquire(
+        self, worker: int, key: bytes | None, per_client_limit: int, total_limit: int
+    ) -> int:
         return conntrack.REJECT_TABLE_FULL
 
 
@@ -39,8 +40,13 @@ def test_no_list_configured_means_no_policy_to_check() -> None:
 def test_denied_clients_are_counted_and_rejected() -> None:
     config = load_config(cli_overrides={"deny": ["127.0.0.2"]}, environ={})
     counters = [0] * NUM_COUNTERS
-    gate = AdmissionGate(config, FullTable(), 0, counters,  # type: ignore[arg-type]
-                         address_policy(config))
+    gate = AdmissionGate(
+        config,
+        FullTable(),
+        0,
+        counters,  # type: ignore[arg-type]
+        address_policy(config),
+    )
     assert gate.admit("127.0.0.2") == REJECTED
     assert gate.admit("127.0.0.1") == UNCOUNTED  # no count limit: the table is not asked
     assert counters[Counter.REJECTED_DENIED] == 1

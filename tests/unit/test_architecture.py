@@ -52,8 +52,9 @@ def test_the_access_log_does_not_import_the_worker(graph: grimp.ImportGraph) -> 
 def test_the_metrics_process_loads_nothing_of_the_server() -> None:
     # What is really imported at run time, lazy imports and all.
     code = "import sys, echod.metrics.render, echod.metrics.service; print(*sys.modules)"
-    loaded = subprocess.run([sys.executable, "-c", code],
-                            capture_output=True, text=True, check=True).stdout.split()
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert [name for name in loaded if name.startswith("echod.server")] == []
 
 
@@ -61,6 +62,7 @@ def test_the_master_and_the_worker_code_load_no_psutil() -> None:
     # max_worker_memory is sampled by each worker, which imports psutil when it
     # starts with a limit; the master's own code never needs it.
     code = "import sys, echod.server.master, echod.server.worker; print('psutil' in sys.modules)"
-    loaded = subprocess.run([sys.executable, "-c", code],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert loaded == "False"

@@ -53,8 +53,9 @@ def cfg() -> rep.ConfigResult:
 
 
 def test_help_exits_zero() -> None:
-    out = subprocess.run([sys.executable, str(RUN_PY), "--help"], capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, str(RUN_PY), "--help"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "--echod-cmd" in out.stdout and "--quick" in out.stdout
 
@@ -91,8 +92,10 @@ def test_peer_and_retention_verdicts(cfg: rep.ConfigResult) -> None:
     best = min(peers, key=peers.__getitem__)
     assert rep.best_peer(cfg, sc) == (best, pytest.approx(peers[best]))
     assert rep.peer_verdict(cfg, sc).ok is (cpu_us(raw("echod-w1", sc)) < peers[best])
-    want = (raw("echod-w1", "idle5k-rr-64B-c50")["ops_per_s"]
-            / raw("echod-w1", "rr-64B-c50")["ops_per_s"])
+    want = (
+        raw("echod-w1", "idle5k-rr-64B-c50")["ops_per_s"]
+        / raw("echod-w1", "rr-64B-c50")["ops_per_s"]
+    )
     assert rep.retention(cfg, "echod-w1") == pytest.approx(want)
     assert rep.retention_verdict(cfg).ok is (want >= 0.95)
 
@@ -113,8 +116,9 @@ def test_run_errors_fail_the_target() -> None:
 
 
 def test_error_record_and_missing_server() -> None:
-    text = json.dumps({"error": "echoload timed out", "server": "echod-w1",
-                       "scenario": "connect-c50", "rep": 0})
+    text = json.dumps(
+        {"error": "echoload timed out", "server": "echod-w1", "scenario": "connect-c50", "rep": 0}
+    )
     cfg = rep.build_config("x", "x", rep.parse_runs_jsonl(text), ["refecho-w1", "echod-w1"])
     assert cfg.cpu("echod-w1", "connect-c50") is None
     assert rep.ratio_verdict(cfg, "connect-c50").ok is None  # no reference data: n/a

@@ -14,13 +14,16 @@ from echod.errors import ConfigError
 
 
 @pytest.mark.parametrize("key", ["allow", "deny"])
-@pytest.mark.parametrize("text, problem", [
-    ("127.0.0.1/8", "host bits set (did you mean 127.0.0.0/8?)"),
-    ("127.0.0.1/33", "is not an address or network"),
-    ("localhost", "is not an address or network"),
-    ("::1/129", "is not an address or network"),
-    ("", "is not an address or network"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("127.0.0.1/8", "host bits set (did you mean 127.0.0.0/8?)"),
+        ("127.0.0.1/33", "is not an address or network"),
+        ("localhost", "is not an address or network"),
+        ("::1/129", "is not an address or network"),
+        ("", "is not an address or network"),
+    ],
+)
 def test_bad_networks_are_refused_naming_the_key(key: str, text: str, problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(environ={}, cli_overrides={key: ["127.0.0.0/8", text]})
@@ -71,9 +74,10 @@ def addresses_near(draw: st.DrawFn, nets: list) -> str:
         net = draw(st.sampled_from(nets))
         edge = [int(net.network_address), int(net.broadcast_address)][choice % 2]
         value = edge + draw(st.sampled_from([-1, 0, 1])) if choice < 2 else edge
-        value %= 2 ** net.max_prefixlen
-        return str(ipaddress.ip_address(value) if net.version == 6
-                   else ipaddress.IPv4Address(value))
+        value %= 2**net.max_prefixlen
+        return str(
+            ipaddress.ip_address(value) if net.version == 6 else ipaddress.IPv4Address(value)
+        )
     if draw(st.booleans()):
         return str(ipaddress.IPv4Address(draw(ipv4)))
     return str(ipaddress.IPv6Address(draw(ipv6)))
@@ -96,17 +100,20 @@ def oracle(host: str, nets: list) -> bool:
     return any(form.version == net.version and form in net for form in forms for net in nets)
 
 
-@pytest.mark.parametrize(("nets", "host", "expected"), [
-    # found by the property test: the mapped form lies inside ::/80
-    (["0.0.0.0/1", "0.0.0.0/1", "::/80"], "::ffff:ffff:fffe", True),
-    (["128.0.0.0/1"], "::ffff:ffff:fffe", True),
-    (["::ffff:0:0/96"], "::ffff:10.1.2.3", True),
-    (["::ffff:0:0/96"], "10.1.2.3", True),  # the same client on an IPv4 socket
-    (["::ffff:10.0.0.0/104"], "10.1.2.3", True),
-    (["::ffff:10.0.0.0/104"], "11.1.2.3", False),
-    (["10.0.0.0/8"], "::ffff:10.1.2.3", True),
-    (["::/96"], "10.1.2.3", False),  # ::10.1.2.3 (IPv4-compatible) is not the mapped form
-])
+@pytest.mark.parametrize(
+    ("nets", "host", "expected"),
+    [
+        # found by the property test: the mapped form lies inside ::/80
+        (["0.0.0.0/1", "0.0.0.0/1", "::/80"], "::ffff:ffff:fffe", True),
+        (["128.0.0.0/1"], "::ffff:ffff:fffe", True),
+        (["::ffff:0:0/96"], "::ffff:10.1.2.3", True),
+        (["::ffff:0:0/96"], "10.1.2.3", True),  # the same client on an IPv4 socket
+        (["::ffff:10.0.0.0/104"], "10.1.2.3", True),
+        (["::ffff:10.0.0.0/104"], "11.1.2.3", False),
+        (["10.0.0.0/8"], "::ffff:10.1.2.3", True),
+        (["::/96"], "10.1.2.3", False),  # ::10.1.2.3 (IPv4-compatible) is not the mapped form
+    ],
+)
 def test_ipv4_clients_match_both_forms(nets: list[str], host: str, expected: bool) -> None:
     networks = [ipaddress.ip_network(n) for n in nets]
     assert oracle(host, networks) == expected

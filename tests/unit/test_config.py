@@ -39,14 +39,17 @@ def test_env_bind_is_a_comma_list() -> None:
     assert config.bind == ("127.0.0.1:1", "unix:/tmp/x.sock")
 
 
-@pytest.mark.parametrize("values,needle", [
-    ({"workers": True}, "integer"),
-    ({"max_buffer": 10}, "between"),
-    ({"graceful_timeout": "soon"}, "number of seconds"),
-    ({"bind": []}, "at least one"),
-    ({"idle_timout": 3}, "did you mean 'idle_timeout'"),
-    ({"max_connections_per_child_jitter": 5}, "needs max_connections_per_child"),
-])
+@pytest.mark.parametrize(
+    "values,needle",
+    [
+        ({"workers": True}, "integer"),
+        ({"max_buffer": 10}, "between"),
+        ({"graceful_timeout": "soon"}, "number of seconds"),
+        ({"bind": []}, "at least one"),
+        ({"idle_timout": 3}, "did you mean 'idle_timeout'"),
+        ({"max_connections_per_child_jitter": 5}, "needs max_connections_per_child"),
+    ],
+)
 def test_invalid_values_name_the_key(values: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_config(None, values, {})
@@ -66,23 +69,41 @@ def test_pidfile_defaults_into_runtime_dir() -> None:
     assert Config(runtime_dir="/run/x", pidfile="/tmp/p.pid").pidfile_path == "/tmp/p.pid"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:7007", Address(Transport.TCP, host="127.0.0.1", port=7007)),
-    ("localhost:0", Address(Transport.TCP, host="localhost", port=0)),
-    ("[::1]:7", Address(Transport.TCP, host="::1", port=7)),
-    ("tcp://127.0.0.1:1", Address(Transport.TCP, host="127.0.0.1", port=1)),
-    ("udp://127.0.0.1:7", Address(Transport.UDP, host="127.0.0.1", port=7)),
-    ("udp://[::1]:7", Address(Transport.UDP, host="::1", port=7)),
-    ("unix:/run/echod.sock", Address(Transport.UNIX, path="/run/echod.sock")),
-    ("fd://3", Address(Transport.FD, fd=3)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("127.0.0.1:7007", Address(Transport.TCP, host="127.0.0.1", port=7007)),
+        ("localhost:0", Address(Transport.TCP, host="localhost", port=0)),
+        ("[::1]:7", Address(Transport.TCP, host="::1", port=7)),
+        ("tcp://127.0.0.1:1", Address(Transport.TCP, host="127.0.0.1", port=1)),
+        ("udp://127.0.0.1:7", Address(Transport.UDP, host="127.0.0.1", port=7)),
+        ("udp://[::1]:7", Address(Transport.UDP, host="::1", port=7)),
+        ("unix:/run/echod.sock", Address(Transport.UNIX, path="/run/echod.sock")),
+        ("fd://3", Address(Transport.FD, fd=3)),
+    ],
+)
 def test_parse_address(text: str, expected: Address) -> None:
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "7007", "127.0.0.1", "127.0.0.1:", "127.0.0.1:x",
-                                  "127.0.0.1:65536", "::1:7", "[::1]7", "[nothex]:7",
-                                  "unix:", "fd://x", ":7007", "unix:" + "a" * 200])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "7007",
+        "127.0.0.1",
+        "127.0.0.1:",
+        "127.0.0.1:x",
+        "127.0.0.1:65536",
+        "::1:7",
+        "[::1]7",
+        "[nothex]:7",
+        "unix:",
+        "fd://x",
+        ":7007",
+        "unix:" + "a" * 200,
+    ],
+)
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
@@ -91,7 +112,7 @@ def test_parse_address_rejects(text: str) -> None:
 @given(st.ip_addresses(), st.integers(min_value=0, max_value=65535), st.booleans())
 def test_address_str_round_trips(ip, port: int, udp: bool) -> None:
     host = str(ip)
-    text = (f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}")
+    text = f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}"
     if udp:
         text = "udp://" + text
     address = parse_address(text)

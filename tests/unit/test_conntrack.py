@@ -98,8 +98,7 @@ def test_places_are_reused_once_a_client_leaves(table: ConnectionTable) -> None:
     assert count_all(table) == 0
 
 
-def test_a_full_neighbourhood_refuses_rather_than_admits_unchecked(
-        table: ConnectionTable) -> None:
+def test_a_full_neighbourhood_refuses_rather_than_admits_unchecked(table: ConnectionTable) -> None:
     mask = conntrack.ENTRIES - 1
     same_home: list[bytes] = []
     number = 0

@@ -209,8 +209,7 @@ def test_silent_daemon_is_stopped_after_the_timeout(launch: Any) -> None:
     code, _, stderr = started.finish()
     assert code == 1
     assert stderr == (
-        f"echod: the daemon (pid {state['pid']}) did not report ready within 1 s;"
-        " sent it SIGTERM\n"
+        f"echod: the daemon (pid {state['pid']}) did not report ready within 1 s; sent it SIGTERM\n"
     )
     deadline = time.monotonic() + DEADLINE_SECONDS
     while alive(state["pid"], started.token):

@@ -33,8 +33,7 @@ METRICS = "127.0.0.1:0"
 
 @pytest.fixture
 def children() -> FakeChildren:
-    return FakeChildren(inherited=Inheritance(
-        None, -1, -1, 1, lambda: None, list))  # type: ignore[arg-type]
+    return FakeChildren(inherited=Inheritance(None, -1, -1, 1, lambda: None, list))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -46,8 +45,9 @@ def service(board: Scoreboard, children: FakeChildren) -> Iterator[MetricsServic
         metrics.listener.close()
 
 
-def test_the_metrics_process_runs_only_for_metrics_bind(board: Scoreboard,
-                                                        children: FakeChildren) -> None:
+def test_the_metrics_process_runs_only_for_metrics_bind(
+    board: Scoreboard, children: FakeChildren
+) -> None:
     unbound = MetricsService()
     unbound.attach(children, board)
     # max_worker_memory is the workers' own business: it starts no process here
@@ -56,7 +56,8 @@ def test_the_metrics_process_runs_only_for_metrics_bind(board: Scoreboard,
 
 
 def test_a_new_metrics_bind_restarts_the_process_without_back_off(
-        service: MetricsService, children: FakeChildren) -> None:
+    service: MetricsService, children: FakeChildren
+) -> None:
     service.supervise(Config(metrics_bind=METRICS), stopping=False, now=0.0)
     first = service.pid
     moved = Config(metrics_bind="unix:" + service.scoreboard.path + ".metrics")  # type: ignore[union-attr]
@@ -94,15 +95,22 @@ class RecordingNotifier(Notifier):
         return True
 
 
-def test_systemd_hears_the_watchdog_only_while_workers_serve(tmp_path: Path,
-                                                            board: Scoreboard) -> None:
+def test_systemd_hears_the_watchdog_only_while_workers_serve(
+    tmp_path: Path, board: Scoreboard
+) -> None:
     notifier = RecordingNotifier(address="@echod-test", watchdog_usec=60_000_000)
     SENT.clear()
     systemd = SystemdHooks(notifier, reporter=None)
     config = Config(workers=1, runtime_dir=str(tmp_path))
-    master = Master(config=config, listeners=[], scoreboard=board, load_config=lambda: config,
-                    pidfile=PidFile(tmp_path / "echod.pid"), hooks=systemd.hooks(),
-                    children=FakeChildren())
+    master = Master(
+        config=config,
+        listeners=[],
+        scoreboard=board,
+        load_config=lambda: config,
+        pidfile=PidFile(tmp_path / "echod.pid"),
+        hooks=systemd.hooks(),
+        children=FakeChildren(),
+    )
     master._supervise(0.0)  # booting: a first STATUS, no watchdog
     assert SENT == [{"STATUS": "0 worker(s) serving, 0 connection(s), generation 1"}]
     started(master)

@@ -54,8 +54,10 @@ class Heard:
     def hooks(self) -> Hooks:
         def count(name: str) -> Callable[[Master], None]:
             return lambda master: setattr(self, name, getattr(self, name) + 1)
-        return Hooks(on_ready=count("ready"), on_reloading=count("reloading"),
-                     on_stopping=count("stopping"))
+
+        return Hooks(
+            on_ready=count("ready"), on_reloading=count("reloading"), on_stopping=count("stopping")
+        )
 
 
 @pytest.fixture
@@ -73,11 +75,23 @@ def heard() -> Heard:
 @pytest.fixture
 def make_master(tmp_path: Path, board: Scoreboard, heard: Heard):
     def make(workers: int = 2, **settings: object) -> Master:
-        config = Config(workers=workers, runtime_dir=str(tmp_path), graceful_timeout=5.0,
-                        worker_timeout=10.0, **settings)  # type: ignore[arg-type]
-        return Master(config=config, listeners=[], scoreboard=board,
-                      load_config=lambda: config, pidfile=PidFile(tmp_path / "echod.pid"),
-                      hooks=heard.hooks(), children=FakeChildren())
+        config = Config(
+            workers=workers,
+            runtime_dir=str(tmp_path),
+            graceful_timeout=5.0,
+            worker_timeout=10.0,
+            **settings,
+        )  # type: ignore[arg-type]
+        return Master(
+            config=config,
+            listeners=[],
+            scoreboard=board,
+            load_config=lambda: config,
+            pidfile=PidFile(tmp_path / "echod.pid"),
+            hooks=heard.hooks(),
+            children=FakeChildren(),
+        )
+
     return make
 
 
@@ -225,8 +239,11 @@ def test_scaling_drains_the_highest_ids_and_is_capped(make_master) -> None:
     master = make_master(workers=3)
     workers = started(master)
     master.scale(1)
-    assert [w.phase for w in workers] == [WorkerPhase.SERVING, WorkerPhase.DRAINING,
-                                         WorkerPhase.DRAINING]
+    assert [w.phase for w in workers] == [
+        WorkerPhase.SERVING,
+        WorkerPhase.DRAINING,
+        WorkerPhase.DRAINING,
+    ]
     assert fake(master).sent(signal.SIGTERM) == [workers[1].pid, workers[2].pid]
     master.scale(0)
     assert master.desired == 1
@@ -234,8 +251,9 @@ def test_scaling_drains_the_highest_ids_and_is_capped(make_master) -> None:
     assert master.desired == MAX_WORKERS
 
 
-def test_a_worker_asking_for_replacement_serves_until_its_successor_does(make_master,
-                                                                          board) -> None:
+def test_a_worker_asking_for_replacement_serves_until_its_successor_does(
+    make_master, board
+) -> None:
     master = make_master(workers=1)
     (old,) = started(master)
     report(master, State.RETIRING, old)
@@ -256,13 +274,16 @@ def test_a_worker_asking_for_replacement_serves_until_its_successor_does(make_ma
 @pytest.fixture
 def no_rebinding(monkeypatch) -> None:
     """A reload keeps the (empty) listener set instead of binding anything."""
-    monkeypatch.setattr(master_module, "reconcile",
-                        lambda current, addresses, backlog: ListenerChange(current, [], []))
+    monkeypatch.setattr(
+        master_module,
+        "reconcile",
+        lambda current, addresses, backlog: ListenerChange(current, [], []),
+    )
 
 
-def test_hup_starts_a_generation_and_retires_the_old_once_it_serves(make_master, heard,
-                                                                     board,
-                                                                     no_rebinding) -> None:
+def test_hup_starts_a_generation_and_retires_the_old_once_it_serves(
+    make_master, heard, board, no_rebinding
+) -> None:
     master = make_master(workers=2)
     old = started(master)
     master._handle_signal(signal.SIGHUP)
@@ -291,11 +312,22 @@ def test_a_new_generation_that_cannot_boot_is_abandoned(make_master, no_rebindin
 
 def test_adopted_workers_retire_once_the_new_generation_serves(make_master, board) -> None:
     master = make_master(workers=1)
-    handoff = Handoff({}, -1, -1, -1, generation=3, desired=1,
-                      workers=[AdoptedWorker(501, 1, 3), AdoptedWorker(502, 2, 2, True)])
+    handoff = Handoff(
+        {},
+        -1,
+        -1,
+        -1,
+        generation=3,
+        desired=1,
+        workers=[AdoptedWorker(501, 1, 3), AdoptedWorker(502, 2, 2, True)],
+    )
     for adopted in handoff.workers:  # their slots, as the previous image left them
-        board.claim(adopted.worker_id - 1, pid=adopted.pid, generation=adopted.generation,
-                    worker_id=adopted.worker_id)
+        board.claim(
+            adopted.worker_id - 1,
+            pid=adopted.pid,
+            generation=adopted.generation,
+            worker_id=adopted.worker_id,
+        )
     master.adopt(handoff)
     report(master, State.READY)
     assert master.phase is MasterPhase.ADOPTING and master.generation == 4
@@ -384,10 +416,12 @@ def test_exit_statuses_in_words() -> None:
 
 
 def test_a_handoff_from_the_previous_format_still_decodes() -> None:
-    old = ('{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
-           '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
-           '"worker_id": 1, "generation": 2, "retiring": true}], "activated": [], '
-           '"metrics_bind": "127.0.0.1:9100", "metrics_fd": 10}')
+    old = (
+        '{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
+        '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
+        '"worker_id": 1, "generation": 2, "retiring": true}], "activated": [], '
+        '"metrics_bind": "127.0.0.1:9100", "metrics_fd": 10}'
+    )
     handoff = Handoff.decode(old)
     assert handoff.helpers == {"metrics": {"127.0.0.1:9100": 10}}
     assert handoff.workers == [AdoptedWorker(9, 1, 2, dismissed=True)]
@@ -409,8 +443,14 @@ def test_after_fork_a_child_keeps_only_its_own_sockets() -> None:
     drop = Listener(parse_address("127.0.0.1:0"), other)
     cleaned: list[str] = []
     queue = Queue()
-    inherited = Inheritance(queue, alive_read, alive_write, 1,  # type: ignore[arg-type]
-                            lambda: cleaned.append("pidfile"), lambda: [keep, drop])
+    inherited = Inheritance(
+        queue,
+        alive_read,
+        alive_write,
+        1,  # type: ignore[arg-type]
+        lambda: cleaned.append("pidfile"),
+        lambda: [keep, drop],
+    )
     try:
         after_fork_in_child(inherited, [keep])
         assert queue.closed and cleaned == ["pidfile"]
@@ -441,10 +481,12 @@ def test_config_changes_reach_helpers_explicitly(make_master) -> None:
 
 
 def test_a_handoff_from_a_newer_format_decodes_what_it_knows(caplog) -> None:
-    newer = ('{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
-             '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
-             '"worker_id": 1, "generation": 2, "started": 1.5}], "activated": [], '
-             '"helpers": {}, "proxy_fds": {}}')
+    newer = (
+        '{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
+        '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
+        '"worker_id": 1, "generation": 2, "started": 1.5}], "activated": [], '
+        '"helpers": {}, "proxy_fds": {}}'
+    )
     handoff = Handoff.decode(newer)
     assert handoff.workers == [AdoptedWorker(9, 1, 2)]
     assert handoff.listener_fds == {"127.0.0.1:7007": 5}

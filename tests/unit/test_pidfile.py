@@ -177,9 +177,7 @@ def test_second_acquire_in_another_process_names_the_holder(
     assert not path.exists()
 
 
-def test_stale_pidfile_of_a_crashed_master_is_taken_over(
-    path: Path, spawn: type[Holder]
-) -> None:
+def test_stale_pidfile_of_a_crashed_master_is_taken_over(path: Path, spawn: type[Holder]) -> None:
     holder = spawn(HOLDER, str(path), ADOPTER)
     _, dead_pid = holder.read_line()
     holder.tell("crash")

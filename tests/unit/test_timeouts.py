@@ -42,10 +42,12 @@ def test_adding_again_under_a_key_moves_the_item() -> None:
     assert wheel.pop_due(9.0) == ["conn"]
 
 
-@given(st.lists(st.tuples(st.integers(0, 50), st.floats(0, 1000)), max_size=200),
-       st.floats(0, 1000))
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.floats(0, 1000)), max_size=200), st.floats(0, 1000)
+)
 def test_pop_due_returns_exactly_the_live_items_whose_deadline_passed(
-        entries: list[tuple[int, float]], now: float) -> None:
+    entries: list[tuple[int, float]], now: float
+) -> None:
     wheel: TimeoutWheel[int] = TimeoutWheel.for_timeout(30.0)
     latest: dict[int, float] = {}
     for key, deadline in entries:

@@ -62,8 +62,14 @@ def board(tmp_path: Path) -> Iterator[Scoreboard]:
 
 def _worker(board: Scoreboard, **settings: object) -> Worker:
     board.claim(0, pid=os.getpid(), generation=1, worker_id=1)
-    return Worker(Config(**settings), [], WorkerSlot(board, 0),  # type: ignore[arg-type]
-                  WorkerIdentity(1, 1, os.getppid()), -1, SharedLimits())
+    return Worker(
+        Config(**settings),
+        [],
+        WorkerSlot(board, 0),  # type: ignore[arg-type]
+        WorkerIdentity(1, 1, os.getppid()),
+        -1,
+        SharedLimits(),
+    )
 
 
 def test_a_worker_over_the_limit_asks_once_to_be_recycled(board, caplog) -> None:
