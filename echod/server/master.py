@@ -159,8 +159,10 @@ class Master:
         """After an in-place upgrade: take over the previous image's workers."""
         now = time.monotonic()
         for adopted in handoff.workers:
+            # its own start, not ours: a mature worker dying now is no young death
+            started = adopted.started if 0.0 < adopted.started <= now else now
             worker = WorkerProcess(
-                adopted.pid, adopted.worker_id, adopted.generation, now, WorkerPhase.SERVING
+                adopted.pid, adopted.worker_id, adopted.generation, started, WorkerPhase.SERVING
             )
             if adopted.dismissed:  # was draining already: give it a fresh deadline
                 worker.move(WorkerPhase.DRAINING, now + self.config.graceful_timeout + 1.0)
@@ -556,7 +558,7 @@ class Master:
             generation=self.generation,
             desired=self.desired,
             workers=[
-                AdoptedWorker(w.pid, w.worker_id, w.generation, w.dismissed)
+                AdoptedWorker(w.pid, w.worker_id, w.generation, w.dismissed, w.started)
                 for w in self.workers.values()
             ],
             helpers={helper.name: helper.handoff_fds() for helper in self.helpers},

@@ -50,6 +50,9 @@ class AdoptedWorker:
     worker_id: int
     generation: int
     dismissed: bool = False  # was told to drain: the new image keeps it draining
+    # time.monotonic() when it was forked: CLOCK_MONOTONIC is the system's, so it
+    # means the same in the new image (0.0: an older image did not say)
+    started: float = 0.0
 
 
 @dataclass

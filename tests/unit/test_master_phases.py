@@ -7,6 +7,7 @@ and a real scoreboard file, on which the tests play the workers' part
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -343,6 +344,32 @@ def test_adopted_workers_retire_once_the_new_generation_serves(make_master, boar
     assert board.master().events[MasterCounter.RELOADS_OK] == 0  # an upgrade, not a reload
 
 
+def test_adopted_workers_keep_their_age(make_master, board, caplog) -> None:
+    # A mature worker that dies right after an upgrade is no young death: no back-off,
+    # and the log says how long it really lived.
+    master = make_master(workers=1)
+    born = time.monotonic() - 100.0
+    handoff = Handoff(
+        {}, -1, -1, -1, generation=1, desired=1, workers=[AdoptedWorker(501, 1, 1, started=born)]
+    )
+    board.claim(0, pid=501, generation=1, worker_id=1)
+    master.adopt(handoff)
+    assert master.workers[501].started == born
+    caplog.set_level(logging.ERROR, "echod.master")
+    exit_(master, master.workers[501], CRASHED)
+    assert "after 100." in caplog.text
+    assert master.backoff == {}
+
+
+def test_a_handoff_without_ages_counts_adopted_workers_from_now(make_master, board) -> None:
+    master = make_master(workers=1)
+    before = time.monotonic()
+    master.adopt(
+        Handoff({}, -1, -1, -1, generation=1, desired=1, workers=[AdoptedWorker(501, 1, 1)])
+    )
+    assert master.workers[501].started >= before
+
+
 # -- stopping ----------------------------------------------------------------------------------
 
 
@@ -484,11 +511,11 @@ def test_a_handoff_from_a_newer_format_decodes_what_it_knows(caplog) -> None:
     newer = (
         '{"listener_fds": {"127.0.0.1:7007": 5}, "pidfile_fd": 6, "alive_read": 7, '
         '"alive_write": 8, "generation": 2, "desired": 1, "workers": [{"pid": 9, '
-        '"worker_id": 1, "generation": 2, "started": 1.5}], "activated": [], '
+        '"worker_id": 1, "generation": 2, "affinity": [0]}], "activated": [], '
         '"helpers": {}, "proxy_fds": {}}'
     )
     handoff = Handoff.decode(newer)
     assert handoff.workers == [AdoptedWorker(9, 1, 2)]
     assert handoff.listener_fds == {"127.0.0.1:7007": 5}
     warnings = [r.getMessage() for r in caplog.records if "hand-off" in r.getMessage()]
-    assert any("proxy_fds" in w for w in warnings) and any("started" in w for w in warnings)
+    assert any("proxy_fds" in w for w in warnings) and any("affinity" in w for w in warnings)
