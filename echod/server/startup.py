@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from echod import installed_version, logs
+from echod import installed_version, logs, rundir
 from echod.config import Config
 from echod.errors import EchodError
 from echod.pidfile import PidFile
@@ -89,9 +89,12 @@ def serve(
 
 def fresh_start(config: Config) -> Resources:
     """Check the identity, lock the pidfile, then bind: each failure exits with its code."""
+    owners: list[int] = []
     if config.user or config.group:
-        resolve_identity(config.user or None, config.group or None)  # typos fail now
-    _make_runtime_dir(config.runtime_dir)
+        identity = resolve_identity(config.user or None, config.group or None)  # typos fail now
+        if identity.uid is not None and os.geteuid() == 0:
+            owners.append(identity.uid)  # what _drop_privileges handed it last time
+    _make_runtime_dirs(config, owners)
     pidfile = PidFile(config.pidfile_path)
     pidfile.acquire()  # a second instance fails here, before binding anything
     try:
@@ -256,11 +259,17 @@ def _drop_privileges(config: Config, log_file: str, scoreboard: Scoreboard) -> N
     log.info("running as user %s group %s", user or "(unchanged)", group or "(unchanged)")
 
 
-def _make_runtime_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise EchodError(f"cannot create runtime directory {path}: {exc.strerror}") from None
-    with contextlib.suppress(OSError):
-        if not os.access(path, os.W_OK):
-            raise EchodError(f"runtime directory {path} is not writable")
+def _make_runtime_dirs(config: Config, owners: list[int]) -> None:
+    """The runtime directory, and the pidfile's (scoreboard, stack dumps) if elsewhere.
+
+    Created if missing; refused (exit 77) if anyone else could control them.
+    """
+    paths = [config.runtime_dir]
+    pidfile_dir = os.path.dirname(os.path.abspath(config.pidfile_path))
+    if pidfile_dir != os.path.abspath(config.runtime_dir):
+        paths.append(pidfile_dir)
+    for path in paths:
+        rundir.make(path, owners)
+        with contextlib.suppress(OSError):
+            if not os.access(path, os.W_OK):
+                raise EchodError(f"runtime directory {path} is not writable")
