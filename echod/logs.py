@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -205,8 +206,11 @@ def report_stack_dump(directory: str, pid: int, who: str) -> None:
     """Log (as one line, in the log format) and remove the stack dump a dead worker left."""
     path = stack_dump_path(directory, pid)
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read(1 << 20)
+        # Never through a symlink (it could point at any file the master may read)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8", errors="replace") as handle:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            text = handle.read(1 << 20) if regular else ""
         os.unlink(path)
     except OSError:
         return
