@@ -101,6 +101,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+# Directories (the runtime directory) where a log file is never opened through a symlink.
+_private_dirs: set[str] = set()
+
+
+def never_follow_symlinks_in(directory: str) -> None:
+    """Open log files in ``directory`` with O_NOFOLLOW (elsewhere a symlink is the operator's)."""
+    _private_dirs.add(os.path.abspath(directory))
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A file handler that re-creates its file on demand (USR1 after logrotate)."""
 
@@ -109,7 +122,9 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        private = os.path.dirname(os.path.abspath(self.path)) in _private_dirs
+        opener = _nofollow_opener if private else None
+        return open(self.path, "a", encoding="utf-8", buffering=1, opener=opener)
 
     def reopen(self) -> None:
         self.acquire()

@@ -273,6 +273,7 @@ def _make_runtime_dirs(config: Config) -> None:
         paths.append(pidfile_dir)
     for path in paths:
         rundir.make(path, owners)
+        logs.never_follow_symlinks_in(path)
         with contextlib.suppress(OSError):
             if not os.access(path, os.W_OK):
                 raise EchodError(f"runtime directory {path} is not writable")

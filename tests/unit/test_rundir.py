@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from echod import exitcodes, rundir
+from echod import exitcodes, logs, rundir
 from echod.config import Config
 from echod.errors import UnsafeRuntimeDir
 from echod.scoreboard import Scoreboard
@@ -156,3 +156,17 @@ def test_a_workers_stack_dump_never_goes_through_a_planted_symlink(tmp_path: Pat
     assert victim.read_text() == "precious"
     assert not dump.is_symlink()
     assert "most recent call first" in dump.read_text()
+
+
+def test_a_log_file_in_the_runtime_dir_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    (run / "echod.log").symlink_to(victim)
+    logs.never_follow_symlinks_in(str(run))
+    with pytest.raises(OSError):
+        logs.ReopenableFileHandler(str(run / "echod.log"))
+    elsewhere = tmp_path / "echod.log"  # outside it, an operator's symlink is theirs to make
+    elsewhere.symlink_to(victim)
+    logs.ReopenableFileHandler(str(elsewhere)).close()
