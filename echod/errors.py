@@ -29,3 +29,9 @@ class AlreadyRunning(EchodError):
 
 class PrivilegeError(EchodError):
     exit_code = exitcodes.NOPERM
+
+
+class UnsafeRuntimeDir(EchodError):
+    """The runtime directory is a symlink, someone else's, or writable by others."""
+
+    exit_code = exitcodes.NOPERM

@@ -6,7 +6,7 @@ OK: Final = 0
 FAILURE: Final = 1  # anything else, a bug included (SPEC: never a traceback)
 USAGE: Final = 64  # bad command line, including a malformed --bind
 UNAVAILABLE: Final = 69  # cannot bind or listen, or already running
-NOPERM: Final = 77  # privilege drop failed
+NOPERM: Final = 77  # privilege drop failed, or a runtime directory someone else controls
 CONFIG: Final = 78  # bad or missing config file
 
 # echoctl send / bench: nothing answered at all, or nothing could connect (as

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -100,6 +101,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+# Directories (the runtime directory) where a log file is never opened through a symlink.
+_private_dirs: set[str] = set()
+
+
+def never_follow_symlinks_in(directory: str) -> None:
+    """Open log files in ``directory`` with O_NOFOLLOW (elsewhere a symlink is the operator's)."""
+    _private_dirs.add(os.path.abspath(directory))
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A file handler that re-creates its file on demand (USR1 after logrotate)."""
 
@@ -108,7 +122,9 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        private = os.path.dirname(os.path.abspath(self.path)) in _private_dirs
+        opener = _nofollow_opener if private else None
+        return open(self.path, "a", encoding="utf-8", buffering=1, opener=opener)
 
     def reopen(self) -> None:
         self.acquire()
@@ -205,8 +221,11 @@ def report_stack_dump(directory: str, pid: int, who: str) -> None:
     """Log (as one line, in the log format) and remove the stack dump a dead worker left."""
     path = stack_dump_path(directory, pid)
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read(1 << 20)
+        # Never through a symlink (it could point at any file the master may read)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8", errors="replace") as handle:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            text = handle.read(1 << 20) if regular else ""
         os.unlink(path)
     except OSError:
         return

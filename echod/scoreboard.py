@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
+
+from echod import rundir
 
 MAGIC = b"ECHODSB2"
 MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
@@ -184,7 +187,8 @@ class Scoreboard:
     def create(cls, path: str) -> Scoreboard:
         """A fresh, zeroed scoreboard (replacing any stale one atomically)."""
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # Never through a planted symlink, and certainly a fresh inode of ours.
+        fd = rundir.create_exclusive(tmp, os.O_RDWR, 0o644)
         try:
             os.ftruncate(fd, FILE_SIZE)
             buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -206,9 +210,12 @@ class Scoreboard:
     def attach(cls, path: str, writable: bool = True) -> Scoreboard:
         """Map an existing scoreboard (after an in-place upgrade, or to read it)."""
         flags = os.O_RDWR if writable else os.O_RDONLY
-        fd = os.open(path, flags | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            if os.fstat(fd).st_size < FILE_SIZE:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: not an echod scoreboard (not a regular file)")
+            if st.st_size < FILE_SIZE:
                 raise ValueError(f"{path}: not an echod scoreboard (too small)")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)

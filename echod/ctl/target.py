@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from echod import rundir
 from echod.config import default_runtime_dir
-from echod.errors import EchodError
+from echod.errors import EchodError, UnsafeRuntimeDir
 from echod.pidfile import is_locked, read_pid
 from echod.scoreboard import Scoreboard, scoreboard_path
 
@@ -58,6 +59,7 @@ class RunningMaster:
 def find_master(args: argparse.Namespace) -> RunningMaster:
     """The live master, or NotRunning (stale pidfile: exit 1; none: exit 3)."""
     path = pidfile_path(args)
+    owner = _check_directory(os.path.dirname(os.path.abspath(path)))
     pid = read_pid(path)
     if pid is None and not os.path.exists(path):
         raise NotRunning(f"echod is not running (no pidfile {path})")
@@ -66,6 +68,8 @@ def find_master(args: argparse.Namespace) -> RunningMaster:
             f"echod is not running, but its pidfile {path} remains (pid {pid or '?'} is gone)",
             stale=True,
         )
+    if owner is not None:
+        _check_master_runs_as(owner, pid, path)
     try:
         scoreboard = Scoreboard.attach(scoreboard_path(path), writable=False)
     except (OSError, ValueError) as exc:
@@ -73,3 +77,40 @@ def find_master(args: argparse.Namespace) -> RunningMaster:
             f"echod (pid {pid}) runs, but its scoreboard is unreadable: {exc}"
         ) from None
     return RunningMaster(pid, path, scoreboard)
+
+
+def _check_directory(directory: str) -> int | None:
+    """Refuse (exit 77) a pidfile directory someone else could control, as echod does.
+
+    Root may read one owned by another user (systemd's DynamicUser= hands
+    /run/echod to the service's user): the uid returned is that owner's, and
+    its pidfile is trusted only for a master that runs as that same user.
+    """
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return None  # no pidfile either: not running
+    except OSError as exc:
+        raise EchodError(f"cannot inspect runtime directory {directory}: {exc.strerror}") from None
+    euid = os.geteuid()
+    extra = [st.st_uid] if euid == 0 else []
+    reason = rundir.problem(st, euid, extra)
+    if reason is not None:
+        raise UnsafeRuntimeDir(
+            f"not trusting runtime directory {directory}: it {reason} (it must be yours alone)"
+        )
+    return st.st_uid if st.st_uid not in (euid, 0) else None
+
+
+def _check_master_runs_as(owner: int, pid: int, path: str) -> None:
+    try:
+        uids = psutil.Process(pid).uids()
+    except psutil.Error:
+        raise NotRunning(
+            f"echod is not running, but its pidfile {path} remains", stale=True
+        ) from None
+    if uids.real != owner:
+        raise UnsafeRuntimeDir(
+            f"not trusting pidfile {path}: it names pid {pid} of uid {uids.real},"
+            f" but its directory belongs to uid {owner}"
+        )

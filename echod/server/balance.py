@@ -76,7 +76,7 @@ class AcceptBalancer:
     def open(self) -> None:
         """Open the scoreboard file for the "last listener" lock (in the worker)."""
         with contextlib.suppress(OSError):  # without it, ASIDE_RECHECK still bounds a wait
-            self.lock_fd = os.open(self.slot.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.lock_fd = os.open(self.slot.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     def has_peers(self) -> bool:
         roster = self.slot.roster()

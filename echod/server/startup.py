@@ -1,7 +1,7 @@
 """Start-up in the order that keeps errors on the user's terminal:
 
-    log file -> pidfile lock -> bind (or take systemd's sockets) -> detach
-    -> scoreboard -> drop privileges -> master
+    runtime directory (made, or refused if unsafe) -> log file -> pidfile lock
+    -> bind (or take systemd's sockets) -> detach -> scoreboard -> drop privileges -> master
 
 Everything that can fail because of the user's input fails before detaching,
 so the launching command prints it and exits with its code. ``fresh_start``
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from echod import installed_version, logs
+from echod import installed_version, logs, rundir
 from echod.config import Config
 from echod.errors import EchodError
 from echod.pidfile import PidFile
@@ -63,6 +63,8 @@ def serve(
     handoff = take_handoff()
     log_file = config.log_file or ("" if foreground else default_daemon_log(config))
     os.umask(config.umask)
+    if handoff is None:  # before the default daemon log is opened in it
+        _make_runtime_dirs(config)
     _setup_logging(config, log_file)
     if handoff is None:
         resources = fresh_start(config)
@@ -91,7 +93,6 @@ def fresh_start(config: Config) -> Resources:
     """Check the identity, lock the pidfile, then bind: each failure exits with its code."""
     if config.user or config.group:
         resolve_identity(config.user or None, config.group or None)  # typos fail now
-    _make_runtime_dir(config.runtime_dir)
     pidfile = PidFile(config.pidfile_path)
     pidfile.acquire()  # a second instance fails here, before binding anything
     try:
@@ -256,11 +257,23 @@ def _drop_privileges(config: Config, log_file: str, scoreboard: Scoreboard) -> N
     log.info("running as user %s group %s", user or "(unchanged)", group or "(unchanged)")
 
 
-def _make_runtime_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise EchodError(f"cannot create runtime directory {path}: {exc.strerror}") from None
-    with contextlib.suppress(OSError):
-        if not os.access(path, os.W_OK):
-            raise EchodError(f"runtime directory {path} is not writable")
+def _make_runtime_dirs(config: Config) -> None:
+    """The runtime directory, and the pidfile's (scoreboard, stack dumps) if elsewhere.
+
+    Created if missing; refused (exit 77) if anyone else could control them.
+    """
+    owners: list[int] = []
+    if config.user and os.geteuid() == 0:
+        identity = resolve_identity(config.user, config.group or None)  # typos fail now
+        if identity.uid is not None:
+            owners.append(identity.uid)  # _drop_privileges handed it to them last time
+    paths = [config.runtime_dir]
+    pidfile_dir = os.path.dirname(os.path.abspath(config.pidfile_path))
+    if pidfile_dir != os.path.abspath(config.runtime_dir):
+        paths.append(pidfile_dir)
+    for path in paths:
+        rundir.make(path, owners)
+        logs.never_follow_symlinks_in(path)
+        with contextlib.suppress(OSError):
+            if not os.access(path, os.W_OK):
+                raise EchodError(f"runtime directory {path} is not writable")

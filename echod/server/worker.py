@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from echod import exitcodes, logs, procname
+from echod import exitcodes, logs, procname, rundir
 from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits.admission import (
@@ -768,7 +768,8 @@ def _enable_stack_dumps(config: Config) -> None:
     """
     path = logs.stack_dump_path(os.path.dirname(config.pidfile_path), os.getpid())
     try:
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A fresh file of ours, never a planted symlink or a file someone else opened
+        target = rundir.create_exclusive(path, os.O_WRONLY)
     except OSError:
         fds = logs.log_file_descriptors()
         target = fds[0] if fds else sys.stderr.fileno()
