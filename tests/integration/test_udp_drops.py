@@ -203,3 +203,16 @@ def test_udp_receive_buffer_from_the_environment_sizes_the_socket(start_echod) -
     )
     answered = burst(server, 300)
     assert answered < 300  # 64 KiB is far too small for the burst
+
+
+def test_drops_are_counted_on_a_wildcard_socket_too(start_echod) -> None:
+    """A wildcard socket reads PKTINFO as well: the drop count comes beside it."""
+    server = start_echod(
+        workers=1,
+        bind=["127.0.0.1:0", "udp://0.0.0.0:0"],
+        config={"udp_receive_buffer": 65536, **NO_LIMITS},
+    )
+    answered = burst(server, 300)
+    assert 0 < answered < 300
+    probe(server)
+    assert settle(lambda: udp_kernel_drops(server), 300 - answered) == 300 - answered
