@@ -48,6 +48,12 @@ def _between(low: int, high: int) -> Callable[[int], str | None]:
     return check
 
 
+def _receive_buffer(value: int) -> str | None:
+    if value == 0 or 4096 <= value <= 1 << 30:
+        return None
+    return f"must be 0 (the kernel's default) or between 4096 and {1 << 30}"
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -94,6 +100,11 @@ def _key(kind: type, check: Callable[[Any], str | None] | None = None, **extra: 
     return field(default=default, metadata=metadata)
 
 
+# absorbs a burst of ~300 datagrams of 1400 bytes (the kernel charges ~2.3 KiB each
+# on loopback, more from a NIC) with room to spare; see README, "UDP receive buffer"
+DEFAULT_UDP_RECEIVE_BUFFER = 1 << 20
+
+
 @dataclass(frozen=True)
 class Config:
     bind: tuple[str, ...] = _key(list, _binds, default=("127.0.0.1:7007",))
@@ -127,6 +138,8 @@ class Config:
     udp_rate_per_source: int = _key(int, _between(0, 10_000_000), default=100)
     udp_burst_per_source: int = _key(int, _between(1, 10_000_000), default=200)
     udp_rate_total: int = _key(int, _between(0, 100_000_000), default=10000)
+    # SO_RCVBUF of UDP listeners, 0 = the kernel's default (capped at net.core.rmem_max)
+    udp_receive_buffer: int = _key(int, _receive_buffer, default=DEFAULT_UDP_RECEIVE_BUFFER)
 
     @property
     def addresses(self) -> list[Address]:

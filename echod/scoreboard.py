@@ -92,6 +92,20 @@ class MasterCounter(IntEnum):
     RELOADS_FAILED = 5
     UPGRADES_OK = 6
     UPGRADES_FAILED = 7
+    UDP_DROPS_UNTRACKED = 8  # kernel drops of sockets pushed out of the retired table
+
+
+# Kernel drops per UDP socket (SO_RXQ_OVFL: cumulative per socket, shared by all
+# workers, kept across reloads and upgrades). Each worker publishes in its slot the
+# latest count it saw per socket, as (socket inode, count) pairs; the master folds
+# a reaped worker's pairs into the header's, keeping the maximum per socket. The
+# figure of a socket is the maximum over the header and the live slots: each writer
+# writes only its own slot, so it never goes backwards.
+UDP_DROP_SOCKETS_PER_SLOT = 3
+UDP_DROP_SOCKETS_RETIRED = 5
+_SLOT_DROPS = struct.Struct(f"<{2 * UDP_DROP_SOCKETS_PER_SLOT}I")
+_RETIRED_DROPS = struct.Struct(f"<{2 * UDP_DROP_SOCKETS_RETIRED}I")
+_RETIRED_DROPS_OFFSET = 328
 
 
 NUM_MASTER_COUNTERS = 16
@@ -121,12 +135,25 @@ _ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # pad byte after state: balance.Accept
 # a peer's pid, accept state, heartbeat and open connections, read in one go
 _PEER_LOAD = struct.Struct("<i5xB10xdI")
 
-assert _HEADER.size <= _ROSTER_OFFSET
+assert _HEADER.size <= _RETIRED_DROPS_OFFSET
+assert _RETIRED_DROPS_OFFSET + _RETIRED_DROPS.size <= _ROSTER_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
 assert _PEER_LOAD.size == _ACTIVE_OFFSET + 4
 assert _FOLD_SEQUENCE_OFFSET + _FOLD_SEQUENCE.size <= _MASTER_COUNTERS_OFFSET
 assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
-assert _SLOT_HEAD.size + _COUNTERS.size <= SLOT_SIZE
+assert _SLOT_HEAD.size + _COUNTERS.size + _SLOT_DROPS.size <= SLOT_SIZE
+_SLOT_DROPS_OFFSET = _SLOT_HEAD.size + _COUNTERS.size
+
+DropPairs = tuple[tuple[int, int], ...]  # (socket inode, drops), inode 0 = unused
+
+
+def _pairs(flat: tuple[int, ...]) -> DropPairs:
+    return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2) if flat[i])
+
+
+def _flat(pairs: DropPairs, size: int) -> list[int]:
+    flat = [value for pair in pairs[:size] for value in pair]
+    return flat + [0] * (2 * size - len(flat))
 
 
 @dataclass
@@ -140,6 +167,7 @@ class SlotView:
     heartbeat: float
     active: int
     counters: tuple[int, ...]
+    udp_drops: DropPairs = ()
 
     def counter(self, which: Counter) -> int:
         return self.counters[which]
@@ -154,6 +182,7 @@ class MasterView:
     version: str
     retired: tuple[int, ...]
     events: tuple[int, ...] = ()
+    udp_drops: DropPairs = ()
 
 
 class Snapshot(NamedTuple):
@@ -175,6 +204,19 @@ class Snapshot(NamedTuple):
                 self.master.retired, *(slot.counters for slot in self.slots), strict=True
             )
         ]
+
+    def udp_drops_by_socket(self) -> dict[int, int]:
+        """Kernel-dropped datagrams per UDP socket (by inode): the most any worker saw."""
+        drops: dict[int, int] = {}
+        for pairs in (self.master.udp_drops, *(slot.udp_drops for slot in self.slots)):
+            for inode, count in pairs:
+                drops[inode] = max(drops.get(inode, 0), count)
+        return drops
+
+    def udp_receive_buffer_drops(self) -> int:
+        """Datagrams the kernel dropped on echod's UDP sockets (receive buffer full)."""
+        untracked = self.master.events[MasterCounter.UDP_DROPS_UNTRACKED]
+        return sum(self.udp_drops_by_socket().values()) + untracked
 
 
 class Scoreboard:
@@ -271,6 +313,7 @@ class Scoreboard:
             version=fields[6].rstrip(b"\0").decode(errors="replace"),
             retired=tuple(fields[7:]),
             events=_MASTER_COUNTERS.unpack_from(self.buffer, _MASTER_COUNTERS_OFFSET),
+            udp_drops=_pairs(_RETIRED_DROPS.unpack_from(self.buffer, _RETIRED_DROPS_OFFSET)),
         )
 
     def count_event(self, which: MasterCounter, amount: int = 1) -> None:
@@ -311,7 +354,31 @@ class Scoreboard:
         _COUNTERS.pack_into(
             self.buffer, self._offset(index) + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS)
         )
+        self._fold_udp_drops(view, slot.udp_drops)
+        _SLOT_DROPS.pack_into(
+            self.buffer,
+            self._offset(index) + _SLOT_DROPS_OFFSET,
+            *_flat((), UDP_DROP_SOCKETS_PER_SLOT),
+        )
         _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 2)
+
+    def _fold_udp_drops(self, view: MasterView, pairs: DropPairs) -> None:
+        """Keep the maximum per socket; when the table is full, a socket that no live
+        worker reports leaves it and its count moves to UDP_DROPS_UNTRACKED."""
+        retired = dict(view.udp_drops)
+        for inode, count in pairs:
+            retired[inode] = max(retired.get(inode, 0), count)
+        if len(retired) > UDP_DROP_SOCKETS_RETIRED:
+            live = {inode for slot in self.slots() for inode, _ in slot.udp_drops}
+            for inode in sorted(retired, key=lambda i: (i in live, i)):
+                if len(retired) <= UDP_DROP_SOCKETS_RETIRED:
+                    break
+                self.count_event(MasterCounter.UDP_DROPS_UNTRACKED, retired.pop(inode))
+        _RETIRED_DROPS.pack_into(
+            self.buffer,
+            _RETIRED_DROPS_OFFSET,
+            *_flat(tuple(retired.items()), UDP_DROP_SOCKETS_RETIRED),
+        )
 
     def _fold_sequence(self) -> int:
         return int(_FOLD_SEQUENCE.unpack_from(self.buffer, _FOLD_SEQUENCE_OFFSET)[0])
@@ -338,8 +405,18 @@ class Scoreboard:
             self.buffer, offset
         )
         counters = _COUNTERS.unpack_from(self.buffer, offset + _SLOT_HEAD.size)
+        drops = _pairs(_SLOT_DROPS.unpack_from(self.buffer, offset + _SLOT_DROPS_OFFSET))
         return SlotView(
-            index, pid, generation, State(state), worker_id, started, heartbeat, active, counters
+            index,
+            pid,
+            generation,
+            State(state),
+            worker_id,
+            started,
+            heartbeat,
+            active,
+            counters,
+            drops,
         )
 
     def slots(self) -> list[SlotView]:
@@ -364,6 +441,9 @@ class Scoreboard:
             0,
         )
         _COUNTERS.pack_into(self.buffer, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
+        _SLOT_DROPS.pack_into(
+            self.buffer, offset + _SLOT_DROPS_OFFSET, *_flat((), UDP_DROP_SOCKETS_PER_SLOT)
+        )
         self._bump_roster()
 
     def set_pid(self, index: int, pid: int) -> None:
@@ -422,6 +502,13 @@ class WorkerSlot:
         """Heartbeat, active connections and every counter in one go."""
         struct.pack_into("<dI", self.buffer, self.offset + _HEARTBEAT_OFFSET, now, active)
         _COUNTERS.pack_into(self.buffer, self.counters_offset, *counters)
+
+    def publish_udp_drops(self, pairs: DropPairs) -> None:
+        """The latest kernel drop count seen per UDP socket (at most
+        UDP_DROP_SOCKETS_PER_SLOT sockets; written only when a count rose)."""
+        _SLOT_DROPS.pack_into(
+            self.buffer, self.offset + _SLOT_DROPS_OFFSET, *_flat(pairs, UDP_DROP_SOCKETS_PER_SLOT)
+        )
 
 
 def scoreboard_path(pidfile: str) -> str:

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         for slot in sorted(slots, key=lambda s: s.worker_id)
     ]
     totals: dict[str, float] = dict(_totals(snapshot.totals(), slots))
+    totals["udp_dropped_receive_buffer"] = snapshot.udp_receive_buffer_drops()
     totals["spread_max_over_fair"] = _share_out(workers)
     if args.json:
         print(
@@ -190,6 +191,8 @@ def _totals(counters: list[int], slots: list[SlotView]) -> dict[str, int]:
         "active": sum(s.active for s in slots),
         "bytes_in": counters[Counter.BYTES_IN],
         "bytes_out": counters[Counter.BYTES_OUT],
+        "udp_received": counters[Counter.UDP_RECEIVED],
+        "udp_echoed": counters[Counter.UDP_SENT],
     }
 
 
@@ -234,8 +237,14 @@ def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str,
         "of open connections (1.00 = even)"
         if totals["spread_max_over_fair"]
         else "spread: no open connections",
-        "",
     ]
+    if totals["udp_received"] or totals["udp_dropped_receive_buffer"]:
+        lines.append(
+            f"udp: {totals['udp_received']} datagrams received, {totals['udp_echoed']} echoed;"
+            f" {totals['udp_dropped_receive_buffer']} dropped by the kernel"
+            " (receive buffer full)"
+        )
+    lines.append("")
     header = (
         "WORKER",
         "PID",

@@ -244,6 +244,11 @@ def collect(
             UDP_RESULTS,
             totals,
         ),
+        counter(
+            "echod_udp_receive_buffer_drops_total",
+            "UDP datagrams the kernel dropped before echod read them: a socket's"
+            " receive buffer was full (SO_RXQ_OVFL; see udp_receive_buffer)",
+        ).add(snapshot.udp_receive_buffer_drops()),
     ]
     families += _per_worker(slots, sampler, now)
     families += _master_process(master.pid, sampler, max_fds)

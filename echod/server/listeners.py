@@ -56,6 +56,26 @@ class Listener:
         self.sock.close()
 
 
+def size_receive_buffers(listeners: Iterable[Listener], size: int) -> int | None:
+    """Ask for SO_RCVBUF = size on every UDP listener (0: leave the kernel's default).
+
+    Linux caps the request at net.core.rmem_max (and stores double the value,
+    for its bookkeeping); SO_RCVBUFFORCE, which would bypass the cap as root, is
+    deliberately not used: the sysctl is the host's policy. Returns the size the
+    kernel granted when it is less than asked (for one log line), else None.
+    """
+    capped = None
+    for listener in listeners:
+        if not listener.is_datagram or not size:
+            continue
+        with contextlib.suppress(OSError):
+            listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            granted = listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+            if granted < size:
+                capped = granted
+    return capped
+
+
 def describe_socket(sock: socket.socket) -> str:
     try:
         name = sock.getsockname()

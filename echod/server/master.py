@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from echod import exitcodes, logs, procname
-from echod.config import MAX_WORKERS, Config
+from echod.config import DEFAULT_UDP_RECEIVE_BUFFER, MAX_WORKERS, Config
 from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
@@ -36,7 +36,7 @@ from echod.server.children import (
     RestartBackoff,
     describe_exit,
 )
-from echod.server.listeners import Listener, reconcile
+from echod.server.listeners import Listener, reconcile, size_receive_buffers
 from echod.server.phases import (
     WORKER_MOVES,
     MasterPhase,
@@ -187,6 +187,7 @@ class Master:
         procname.set_title(f"master ({', '.join(str(a) for a in self.config.bind)})")
         self._publish_master()
         self._announce_listeners()
+        self._size_receive_buffers()
         self._supervise(time.monotonic())  # the first workers start now, not a tick later
         while True:
             for signum in self._wait_for_signals(self._next_tick()):
@@ -469,6 +470,7 @@ class Master:
         self.listeners = change.listeners
         self._reconfigure_logging(new_config)
         self.config = new_config
+        self._size_receive_buffers()
         self.desired = new_config.workers
         self.generation += 1
         self._move(MasterPhase.RELOADING)
@@ -596,6 +598,20 @@ class Master:
         log.info("echod stopped")
 
     # -- bits ------------------------------------------------------------------------
+    def _size_receive_buffers(self) -> None:
+        asked = self.config.udp_receive_buffer
+        granted = size_receive_buffers(self.listeners, asked)
+        if granted is not None:
+            # the default asks for more than many hosts allow: say so, without alarm
+            level = logging.INFO if asked == DEFAULT_UDP_RECEIVE_BUFFER else logging.WARNING
+            log.log(
+                level,
+                "udp_receive_buffer %d capped by the kernel at %d bytes (net.core.rmem_max);"
+                " bursts beyond it are dropped and counted",
+                asked,
+                granted,
+            )
+
     def _announce_listeners(self) -> None:
         for listener in self.listeners:
             log.info("listening on %s", listener.bound)

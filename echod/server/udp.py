@@ -9,6 +9,14 @@ a host with several addresses could answer from the wrong one, so it asks for
 the destination of each datagram (IP_PKTINFO / IPV6_RECVPKTINFO) and names it
 as the source of the reply (``recvmsg_into``/``sendmsg``).
 
+Datagrams the kernel drops because the socket's receive buffer is full never
+reach us; with SO_RXQ_OVFL set, the kernel attaches to each datagram received
+after a drop the socket's cumulative drop count (one uint32, shared by every
+worker reading that socket). Each DatagramEcho keeps the highest count it saw;
+the worker publishes it per socket (see ``echod.scoreboard``). The control
+message is absent until the first drop, so the check costs one ``len`` per
+datagram. A drop shows with the next datagram queued after it.
+
 Checks, in order, cheapest first; a datagram failing one is dropped silently and
 counted by reason:
 
@@ -26,7 +34,9 @@ counted by reason:
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -48,7 +58,9 @@ assert max(MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6) < BUFFER_SIZE
 BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; not in every Python build
 _PKTINFO_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
+_DROPS_SPACE = socket.CMSG_SPACE(4)  # SO_RXQ_OVFL's uint32
 
 _RECEIVED = int(Counter.UDP_RECEIVED)
 _SENT = int(Counter.UDP_SENT)
@@ -139,7 +151,15 @@ class DatagramEcho:
         self.deny_ports = REFLECTOR_PORTS | frozenset(config.udp_deny_source_ports)
         self.ipv6 = sock.family == socket.AF_INET6
         self.is_unicast = is_unicast_source_v6 if self.ipv6 else is_unicast_source_v4
+        self.inode = os.fstat(sock.fileno()).st_ino  # the socket's identity in the scoreboard
+        self.kernel_drops = 0  # the highest SO_RXQ_OVFL count seen on this socket
+        # idempotent, like PKTINFO below; where the kernel lacks it, no drop is counted
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        except OSError:
+            pass
         self.with_pktinfo = is_wildcard(sock)
+        self.ancillary_space = _DROPS_SPACE + (_PKTINFO_SPACE if self.with_pktinfo else 0)
         if self.with_pktinfo:
             # idempotent: every worker sets it on the shared socket before serving
             if self.ipv6:
@@ -151,26 +171,26 @@ class DatagramEcho:
         """Answer up to BATCH waiting datagrams. A socket bound to one address lets
         the kernel pick the reply's source; a wildcard one (with_pktinfo) answers
         from the address each datagram was sent to."""
-        with_pktinfo, buffer, view = self.with_pktinfo, self.buffer, self.view
-        recvfrom, sendto = self.sock.recvfrom_into, self.sock.sendto
-        recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [buffer]
+        with_pktinfo, view = self.with_pktinfo, self.view
+        # more control messages than PKTINFO's: a drop count is attached
+        usual_cmsgs, space = int(with_pktinfo), self.ancillary_space
+        sendto = self.sock.sendto
+        recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [self.buffer]
         reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
         deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
         counters = self.counters
         now = time.monotonic() if check is not None else 0.0
-        ancillary: Ancillary = []
         received = sent = bytes_in = bytes_out = 0
         for _ in range(BATCH):
             try:
-                if with_pktinfo:
-                    size, ancillary, _flags, source = recvmsg(buffers, _PKTINFO_SPACE)
-                else:
-                    size, source = recvfrom(buffer)
+                size, ancillary, _flags, source = recvmsg(buffers, space)
             except BlockingIOError:
                 break
             except OSError:
                 counters[_ERRORS] += 1
                 break
+            if len(ancillary) > usual_cmsgs:
+                self._note_drops(ancillary)
             received += 1
             bytes_in += size
             # checks 1-4 of the module docstring, in order; written out, not called:
@@ -199,6 +219,13 @@ class DatagramEcho:
         counters[_BYTES_IN] += bytes_in
         counters[_SENT] += sent
         counters[_BYTES_OUT] += bytes_out
+
+    def _note_drops(self, ancillary: Ancillary) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                count = int.from_bytes(data[:4], sys.byteorder)
+                if count > self.kernel_drops:  # datagrams are read out of order by workers
+                    self.kernel_drops = count
 
 
 def _reply_pktinfo_v4(ancillary: Ancillary) -> Ancillary:

@@ -34,7 +34,14 @@ from echod.limits.admission import (
     reject,
     tcp_limits_configured,
 )
-from echod.scoreboard import NUM_COUNTERS, Counter, State, WorkerSlot
+from echod.scoreboard import (
+    NUM_COUNTERS,
+    UDP_DROP_SOCKETS_PER_SLOT,
+    Counter,
+    DropPairs,
+    State,
+    WorkerSlot,
+)
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
 from echod.server.listeners import Listener
 from echod.server.signals import SignalQueue
@@ -213,6 +220,7 @@ class Worker:
             else None
         )
         self.datagram_echoes = self._datagram_echoes(limits, policy)
+        self.published_drops: DropPairs = ()
         self.recycle_after = _recycle_threshold(config, identity.worker_id)
         self.recycling = False  # asked the master for a replacement (at most once)
         self.memory_limit = (
@@ -381,6 +389,20 @@ class Worker:
         counters[Counter.BYTES_IN] = self.bytes_in
         counters[Counter.BYTES_OUT] = self.bytes_out
         self.slot.publish(now, len(self.connections), counters)
+        if self.datagram_echoes:
+            drops = tuple(
+                (echo.inode, echo.kernel_drops)
+                for echo in self.datagram_echoes.values()
+                if echo.kernel_drops
+            )
+            if drops != self.published_drops:
+                if len(drops) > UDP_DROP_SOCKETS_PER_SLOT >= len(self.published_drops):
+                    log.warning(  # once: the next time, the published pairs are full
+                        "kernel drops on more than %d UDP sockets: the others are not counted",
+                        UDP_DROP_SOCKETS_PER_SLOT,
+                    )
+                self.slot.publish_udp_drops(drops)
+                self.published_drops = drops
 
     def _on_signals(self) -> None:
         assert self.signals is not None

@@ -19,6 +19,15 @@ def counter(server: EchodProcess, which: Counter) -> int:
         board.close()
 
 
+def udp_kernel_drops(server: EchodProcess) -> int:
+    """Datagrams the kernel dropped on the server's UDP sockets, as the scoreboard says."""
+    board = Scoreboard.attach(str(server.runtime_dir / "echod.scoreboard"), writable=False)
+    try:
+        return board.snapshot().udp_receive_buffer_drops()
+    finally:
+        board.close()
+
+
 def wait_counter(server: EchodProcess, which: Counter, at_least: int, timeout: float = 10.0) -> int:
     return wait_until(
         lambda: (value := counter(server, which)) >= at_least and value,

@@ -126,3 +126,24 @@ def test_parse_address_never_crashes(text: str) -> None:
         parse_address(text)
     except ValueError:
         pass
+
+
+def test_udp_receive_buffer_defaults_to_one_mebibyte_and_takes_the_environment() -> None:
+    assert load_config(environ={}).udp_receive_buffer == 1 << 20
+    environ = {"ECHOD_UDP_RECEIVE_BUFFER": "65536"}
+    assert load_config(None, {}, environ).udp_receive_buffer == 65536
+    assert load_config(None, {"udp_receive_buffer": 0}, {}).udp_receive_buffer == 0
+
+
+@pytest.mark.parametrize("size", [1, 4095, (1 << 30) + 1, -1])
+def test_udp_receive_buffer_is_0_or_a_sane_size(size: int) -> None:
+    with pytest.raises(
+        ConfigError, match=r"udp_receive_buffer.*must be 0 \(the kernel's default\)"
+    ):
+        load_config(None, {"udp_receive_buffer": size}, {})
+
+
+@pytest.mark.parametrize("text", ["lots", "1.5", "1MiB"])
+def test_a_bad_udp_receive_buffer_in_the_environment_names_the_key(text: str) -> None:
+    with pytest.raises(ConfigError, match="environment: udp_receive_buffer must be an integer"):
+        load_config(None, {}, {"ECHOD_UDP_RECEIVE_BUFFER": text})
