@@ -240,7 +240,7 @@ def test_a_deleted_runtime_dir_is_explained_and_neither_stop_nor_the_next_start_
         assert "Traceback" not in result.stderr, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and str(runtime_dir) in lines[0], (verb, result.stderr)
-    # the master itself notices nothing: it serves, reloads and scales
+    # the master itself notices nothing: it serves and reloads
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"no rundir") == b"no rundir"
     old = set(server.wait_workers(2))
@@ -252,6 +252,17 @@ def test_a_deleted_runtime_dir_is_explained_and_neither_stop_nor_the_next_start_
     )
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"reloaded") == b"reloaded"
+    # an upgrade cannot hand the missing pidfile on: it is refused, nothing stops
+    serving = server.worker_pids()
+    mark = server.mark()
+    server.send_signal(signal.SIGUSR2)
+    server.wait_for_log(
+        r"upgrade aborted, everything keeps running as it was: the pidfile .* was removed",
+        start=mark,
+    )
+    assert server.proc.poll() is None and server.worker_pids() == serving
+    with server.connect() as sock:
+        assert echo_roundtrip(sock, b"not upgraded") == b"not upgraded"
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0
     assert "Traceback" not in server.output, server.output
