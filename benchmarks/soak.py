@@ -467,6 +467,9 @@ def main() -> int:
     parser.add_argument("--rss-slack-mb", type=float, default=5.0)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args()
+    # `timeout`, a closed terminal or kill: unwind, so that echod is stopped too
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: sys.exit(128 + signum))
     soak = Soak(args)
     try:
         summary = soak.run()
