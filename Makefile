@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean
+.PHONY: run test lint format venv clean soak
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ run: venv
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A chaos soak (by hand, not part of `make test`): load plus random SIGKILL, HUP,
+# TTIN/TTOU, USR1 and USR2 against echod -w 4; prints a JSON summary, exits 1 if an
+# invariant broke. SOAK_ARGS='--duration 20' for a quick run (default 120 s).
+soak: venv
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
 
 # Style (ruff check, and ruff format: `make format` applies it), the package
 # boundaries (lint-imports, contracts in pyproject.toml) and dead code (vulture).

@@ -6,6 +6,7 @@ one JSON object per line. Files are reopened on USR1 so logrotate can move them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,10 +116,17 @@ def _nofollow_opener(path: str, flags: int) -> int:
 
 
 class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A file handler that re-creates its file on demand (USR1 after logrotate)."""
+    """A file handler that re-creates its file on demand (USR1 after logrotate).
+
+    A write that fails (disk full, file system gone read-only, ...) drops the
+    line and is reported once on stderr, not per line with a traceback as
+    logging does by default; the first line that gets through again, or a
+    reopen, says how many were dropped.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.dropped = 0  # lines lost since writing started to fail
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
@@ -126,22 +134,75 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         opener = _nofollow_opener if private else None
         return open(self.path, "a", encoding="utf-8", buffering=1, opener=opener)
 
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)  # a bad record: logging's own report
+            return
+        self.acquire()
+        try:
+            self._write(line)
+        finally:
+            self.release()
+
+    def _write(self, line: str) -> None:
+        try:
+            if self.dropped:
+                self.stream.write(self._recovered_line())
+            self.stream.write(line)
+            self.stream.flush()
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self.dropped = 0
+
+    def _recovered_line(self) -> str:
+        return f"echod: log file writable again; {self.dropped} line(s) were dropped\n"
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.dropped:
+            _report(f"cannot write log file {self.path}: {exc.strerror or exc}; dropping lines")
+        self.dropped += 1
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self._failed(exc)
+        finally:
+            self.release()
+
     def reopen(self) -> None:
         self.acquire()
         try:
-            fresh = self._open()
+            try:
+                fresh = self._open()
+            except OSError as exc:  # keep the old stream: better than nothing
+                _report(f"cannot reopen log file {self.path}: {exc.strerror or exc}")
+                return
             old, self.stream = self.stream, fresh
-            old.close()
+            with contextlib.suppress(OSError):  # its unwritten tail is lost
+                old.close()
         finally:
             self.release()
 
     def close(self) -> None:
         self.acquire()
         try:
-            self.stream.close()
+            with contextlib.suppress(OSError):
+                self.stream.close()
         finally:
             self.release()
         super().close()
+
+
+def _report(problem: str) -> None:
+    """One line on stderr about the log itself (the log cannot carry it)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"echod [{role.name} {os.getpid()}]: {problem}\n")
+        sys.stderr.flush()
 
 
 def setup_logging(

@@ -158,6 +158,10 @@ class PidFile:
         pidfile.fd = fd
         return pidfile
 
+    def in_place(self) -> bool:
+        """Whether our path still names the file we hold locked (nobody removed it)."""
+        return self.fd is not None and _same_file(self.fd, self.path)
+
     def close_in_child(self) -> None:
         """In a forked child: close the inherited fd without touching lock or file."""
         # The lock stays with the master: it belongs to the shared open file

@@ -316,6 +316,7 @@ class Master:
                     stopping=self.phase is MasterPhase.STOPPING,
                     handoff=self._handoff,
                     before_exec=self._before_exec,
+                    blocker=self._upgrade_blocker,
                 )
                 continue
             worker = self.workers.pop(pid, None)
@@ -565,6 +566,21 @@ class Master:
             ],
             helpers={helper.name: helper.handoff_fds() for helper in self.helpers},
         )
+
+    def _upgrade_blocker(self) -> str | None:
+        """Why the new image could not take over: it re-opens the pidfile and the
+        scoreboard by path, and exits at once if they are gone (the runtime
+        directory deleted, by a /tmp cleaner or by hand), taking the service down."""
+        for what, path, present in (
+            ("pidfile", self.pidfile.path, self.pidfile.in_place()),
+            ("scoreboard", self.scoreboard.path, os.path.isfile(self.scoreboard.path)),
+        ):
+            if not present:
+                return (
+                    f"the {what} {path} was removed or replaced while echod ran; "
+                    "restart echod to re-create it"
+                )
+        return None
 
     def _before_exec(self) -> None:
         for helper in self.helpers:

@@ -260,8 +260,10 @@ class Upgrade:
         stopping: bool,
         handoff: Callable[[], Handoff],
         before_exec: Callable[[], None],
+        blocker: Callable[[], str | None] = lambda: None,
     ) -> None:
-        """The pre-flight ended: exec the new image if it passed and we still serve."""
+        """The pre-flight ended: exec the new image if it passed, we still serve and
+        nothing the new image takes over by path is gone (``blocker`` says what)."""
         preflight, self.preflight = self.preflight, None
         assert preflight is not None
         preflight.finish(status)
@@ -274,6 +276,11 @@ class Upgrade:
             self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
             if not stopping:
                 self.on_ready()
+            return
+        problem = blocker()
+        if problem:
+            log.error("upgrade aborted, everything keeps running as it was: %s", problem)
+            self._failed()
             return
         state = handoff()
         log.info("upgrade: pre-flight passed; re-executing in place (pid %d)", os.getpid())

@@ -140,17 +140,6 @@ def test_ttin_and_ttou_change_the_worker_count(start_echod) -> None:
         assert echo_roundtrip(sock, b"one left") == b"one left"
 
 
-def test_hung_worker_is_killed_after_worker_timeout(start_echod) -> None:
-    server = start_echod(workers=2, config={"worker_timeout": 2})
-    stuck, healthy = server.wait_workers(2)
-    psutil.Process(stuck).suspend()  # SIGSTOP: alive but silent
-    server.wait_for_log(rf"worker \d+ \(pid {stuck}\) silent for", timeout=15)
-    server.wait_workers(2, exclude={stuck}, timeout=15)
-    assert healthy in server.worker_pids(), "an idle, healthy worker was killed"
-    time.sleep(3)  # longer than worker_timeout: the idle healthy worker must survive it
-    assert healthy in server.worker_pids()
-
-
 def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(
     start_echod, tmp_path: Path
 ) -> None:
