@@ -367,6 +367,8 @@ class Worker:
         if standing_aside and self.balancer.should_rejoin(len(self.connections)):
             self._rejoin()
             standing_aside = False
+        if self.accepting and not standing_aside:
+            self._sweep_listeners(now)
         if self.memory_limit is not None:
             self._check_memory(now)
         self._publish(now)
@@ -566,6 +568,14 @@ class Worker:
                 # connection would wait for the next arrival to wake a worker with room.
                 self._pause_at_capacity()
                 return
+
+    def _sweep_listeners(self, now: float) -> None:
+        # EPOLLEXCLUSIVE hands a connection's wakeup to one waiter. A peer that took
+        # it and hung before accepting (stopped, stuck) leaves the connection queued
+        # until the next arrival wakes someone else, which may never come: so every
+        # housekeeping tick, a listening worker looks at the queues itself.
+        for fd in [fd for fd in self.registered if not self.listeners[fd].is_datagram]:
+            self._on_control_event(fd, now)
 
     def _pause_at_capacity(self) -> None:
         self._pause_accepting()
