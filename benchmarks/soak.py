@@ -312,7 +312,7 @@ class Soak:
             self.desired = self.args.workers
             os.kill(self.proc.pid, signal.SIGHUP)
         else:
-            self.desired = self.args.workers  # the upgraded master reads the config afresh
+            # the upgraded master keeps the count it had (TTIN/TTOU survive an upgrade)
             done = self.upgrades_logged()
             os.kill(self.proc.pid, signal.SIGUSR2)
             # wait for it: a TTIN or HUP pending with it would be handled in signal
