@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support.echo_servers import EchoServer, Misbehaviour, refused_tcp_port, run_echoctl
+from support.echo_servers import EchoServer, Misbehaviour, refused_tcp_port
+from support.echod import run_echoctl
 
 
 @pytest.fixture(scope="module")

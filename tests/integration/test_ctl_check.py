@@ -6,7 +6,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from support.echo_servers import EchoServer, Misbehaviour, refused_tcp_port, run_echoctl
+from support.echo_servers import EchoServer, Misbehaviour, refused_tcp_port
+from support.echod import run_echoctl
 
 OK_LINE = re.compile(
     r"^ECHO OK - 3/3 echoed, rtt avg (?P<avg>\d+\.\d{3}) ms"

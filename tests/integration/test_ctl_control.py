@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.echod import echo_roundtrip, wait_until
-
-
-def echoctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "echod.ctl.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+from support.echod import echo_roundtrip, run_echoctl, wait_until
 
 
 def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -> None:
@@ -30,7 +18,7 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
             assert echo_roundtrip(sock, b"12345") == b"12345"
 
         def status() -> dict | None:
-            result = echoctl("status", "--json", "--runtime-dir", str(runtime_dir))
+            result = run_echoctl("status", "--json", "--runtime-dir", str(runtime_dir))
             assert result.returncode == 0, result.stderr
             document = json.loads(result.stdout)
             counts = sum(w["connections"] for w in document["workers"])
@@ -45,7 +33,7 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
         assert document["totals"]["connections"] >= 3
         assert document["totals"]["bytes_in"] >= 15
         assert all(w["rss_bytes"] > 0 and w["heartbeat_age_s"] < 30 for w in document["workers"])
-        text = echoctl("--runtime-dir", str(runtime_dir), "status")  # option before verb
+        text = run_echoctl("--runtime-dir", str(runtime_dir), "status")  # option before verb
         assert text.returncode == 0
         assert f"master pid {server.pid}" in text.stdout
         assert all(str(pid) in text.stdout for pid in workers)
@@ -55,18 +43,18 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
 
 
 def test_status_exit_codes_when_not_running(tmp_path: Path) -> None:
-    result = echoctl("status", "--runtime-dir", str(tmp_path))
+    result = run_echoctl("status", "--runtime-dir", str(tmp_path))
     assert result.returncode == 3
     assert "not running" in result.stderr
     (tmp_path / "echod.pid").write_text("999999\n")  # left behind by a crash
-    stale = echoctl("status", "--pidfile", str(tmp_path / "echod.pid"))
+    stale = run_echoctl("status", "--pidfile", str(tmp_path / "echod.pid"))
     assert stale.returncode == 1
     assert "pidfile" in stale.stderr
 
 
 @pytest.mark.parametrize("verb", ["reload", "stop", "scale 2", "reopen-logs", "upgrade"])
 def test_control_verbs_exit_3_when_nothing_runs(verb: str, tmp_path: Path) -> None:
-    result = echoctl(*verb.split(), "--runtime-dir", str(tmp_path))
+    result = run_echoctl(*verb.split(), "--runtime-dir", str(tmp_path))
     assert result.returncode == 3, result.stderr
     assert "not running" in result.stderr
 
@@ -74,7 +62,7 @@ def test_control_verbs_exit_3_when_nothing_runs(verb: str, tmp_path: Path) -> No
 def test_reload_waits_for_the_new_generation(start_echod, runtime_dir: Path) -> None:
     server = start_echod(workers=2)
     old = set(server.wait_workers(2))
-    result = echoctl("reload", "--runtime-dir", str(runtime_dir))
+    result = run_echoctl("reload", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "generation 2 serving with 2 worker(s)" in result.stdout
     assert not old & set(server.wait_workers(2, exclude=old))
@@ -83,7 +71,7 @@ def test_reload_waits_for_the_new_generation(start_echod, runtime_dir: Path) -> 
 def test_reload_reports_a_broken_config(start_echod, runtime_dir: Path) -> None:
     server = start_echod(workers=1, config={"idle_timeout": 10})
     Path(server.argv[server.argv.index("-c") + 1]).write_text("idle_timeout = 'x'\n")
-    result = echoctl("reload", "--runtime-dir", str(runtime_dir))
+    result = run_echoctl("reload", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 1
     assert "reload failed" in result.stderr  # errors go to stderr, stdout stays clean
     assert result.stdout == ""
@@ -91,11 +79,11 @@ def test_reload_reports_a_broken_config(start_echod, runtime_dir: Path) -> None:
 
 def test_scale_sets_an_exact_count(start_echod, runtime_dir: Path) -> None:
     server = start_echod(workers=1)
-    assert echoctl("scale", "3", "--runtime-dir", str(runtime_dir)).returncode == 0
+    assert run_echoctl("scale", "3", "--runtime-dir", str(runtime_dir)).returncode == 0
     server.wait_workers(3)
-    assert echoctl("scale", "1", "--runtime-dir", str(runtime_dir)).returncode == 0
+    assert run_echoctl("scale", "1", "--runtime-dir", str(runtime_dir)).returncode == 0
     server.wait_workers(1)
-    bad = echoctl("scale", "0", "--runtime-dir", str(runtime_dir))
+    bad = run_echoctl("scale", "0", "--runtime-dir", str(runtime_dir))
     assert bad.returncode == 64
     assert "N must be 1 or more" in bad.stderr
     assert bad.stdout == ""
@@ -104,7 +92,7 @@ def test_scale_sets_an_exact_count(start_echod, runtime_dir: Path) -> None:
 def test_upgrade_keeps_the_pid_and_replaces_workers(start_echod, runtime_dir: Path) -> None:
     server = start_echod(workers=2)
     old = set(server.wait_workers(2))
-    result = echoctl("upgrade", "--runtime-dir", str(runtime_dir))
+    result = run_echoctl("upgrade", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"pid {server.pid}" in result.stdout
     wait_until(
@@ -120,7 +108,7 @@ def test_reopen_logs(start_echod, runtime_dir: Path, tmp_path: Path) -> None:
     server = start_echod("--log-file", str(log_file), wait=False)
     wait_until(lambda: log_file.exists() and "ready" in log_file.read_text(), 15, message="ready")
     log_file.rename(tmp_path / "e.log.1")
-    result = echoctl("reopen-logs", "--runtime-dir", str(runtime_dir))
+    result = run_echoctl("reopen-logs", "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0
     wait_until(log_file.exists, 10, message="re-created log file")
     assert server.proc.poll() is None
@@ -129,6 +117,6 @@ def test_reopen_logs(start_echod, runtime_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fast", [False, True])
 def test_stop_waits_until_the_master_is_gone(start_echod, runtime_dir: Path, fast: bool) -> None:
     server = start_echod(workers=2)
-    result = echoctl("stop", *(["--fast"] if fast else []), "--runtime-dir", str(runtime_dir))
+    result = run_echoctl("stop", *(["--fast"] if fast else []), "--runtime-dir", str(runtime_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert server.proc.poll() == 0  # already exited when echoctl returned (reaped here)

@@ -14,14 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from support.echo_servers import (
-    ECHOCTL,
-    EchoServer,
-    Misbehaviour,
-    refused_tcp_port,
-    run_echoctl,
-    unused_udp_port,
-)
+from support.echo_servers import EchoServer, Misbehaviour, refused_tcp_port, unused_udp_port
+from support.echod import ECHOCTL, run_echoctl
 
 PROBE_LINE = re.compile(
     r"^(?P<bytes>\d+) bytes from 127\.0\.0\.1:(?P<port>\d+): seq=(?P<seq>\d+)"

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,19 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 from support.abuse import udp_address, udp_socket
-from support.echod import assert_closed_by_server, echo_roundtrip, free_port, wait_until
+from support.echod import (
+    assert_closed_by_server,
+    echo_roundtrip,
+    free_port,
+    run_echoctl,
+    wait_until,
+)
 
 NO_UDP_LIMITS = {"udp_rate_per_source": 0, "udp_rate_total": 0}
-
-
-def echoctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "echod.ctl.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def _owners(server, clients: list[socket.socket]) -> dict[socket.socket, int] | None:
@@ -232,10 +227,10 @@ def test_a_deleted_runtime_dir_is_explained_and_neither_stop_nor_the_next_start_
     start_echod, runtime_dir: Path
 ) -> None:
     server = start_echod(workers=2)
-    assert echoctl("status", "--runtime-dir", str(runtime_dir)).returncode == 0
+    assert run_echoctl("status", "--runtime-dir", str(runtime_dir)).returncode == 0
     shutil.rmtree(runtime_dir)
     for verb in (["status"], ["reload"], ["scale", "3"], ["stop"]):
-        result = echoctl(*verb, "--runtime-dir", str(runtime_dir))
+        result = run_echoctl(*verb, "--runtime-dir", str(runtime_dir))
         assert result.returncode != 0, (verb, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
         lines = result.stderr.strip().splitlines()
@@ -269,7 +264,7 @@ def test_a_deleted_runtime_dir_is_explained_and_neither_stop_nor_the_next_start_
     # and the next start re-creates the directory, and echoctl finds it again
     second = start_echod(workers=1)
     assert (runtime_dir / "echod.pid").exists()
-    status = echoctl("status", "--runtime-dir", str(runtime_dir))
+    status = run_echoctl("status", "--runtime-dir", str(runtime_dir))
     assert status.returncode == 0, status.stdout + status.stderr
     assert str(second.pid) in status.stdout
     with second.connect() as sock:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support.echod import child_env, echod_command
+from support.echod import child_env, echod_command, run_echoctl
 
 pytestmark = pytest.mark.root
 
@@ -132,16 +132,6 @@ def echoctl_as(user: User, *args: str) -> subprocess.CompletedProcess[str]:
     return run_as(user, sys.executable, "-m", "echod.ctl.main", *args)
 
 
-def echoctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "echod.ctl.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def make_dir_as(user: User, path: Path, mode: int) -> None:
     path.mkdir()
     os.chown(path, user.uid, user.gid)
@@ -240,15 +230,15 @@ def test_root_trusts_a_users_dir_only_for_a_master_running_as_that_user(
         b, *echod_command(), "-w", "1", "-b", "127.0.0.1:0", "--runtime-dir", str(run)
     )
     assert launched.returncode == 0, launched.stderr
-    assert echoctl("--runtime-dir", str(run), "status").returncode == 0
-    stopped = echoctl("--runtime-dir", str(run), "stop")
+    assert run_echoctl("--runtime-dir", str(run), "status").returncode == 0
+    stopped = run_echoctl("--runtime-dir", str(run), "stop")
     assert stopped.returncode == 0, stopped.stderr
     # ... but b cannot aim root's signals at a process that is not b's
     victim = subprocess.Popen(["sleep", "120"])
     holder = _hold_pidfile_as(b, run / "echod.pid", victim.pid)
     try:
         Path(run / "echod.scoreboard").unlink(missing_ok=True)
-        result = echoctl("--runtime-dir", str(run), "stop")
+        result = run_echoctl("--runtime-dir", str(run), "stop")
         assert_refused(result, f"names pid {victim.pid} of uid 0, but its directory belongs")
         time.sleep(0.2)
         assert victim.poll() is None  # not signalled
@@ -274,7 +264,7 @@ def test_root_reuses_the_dir_it_handed_to_its_user(a: User, scratch: Path) -> No
         )
         assert launched.returncode == 0, launched.stderr
         assert run.stat().st_uid == a.uid
-        status = echoctl("--runtime-dir", str(run), "status")
+        status = run_echoctl("--runtime-dir", str(run), "status")
         assert status.returncode == 0, status.stderr
-        stopped = echoctl("--runtime-dir", str(run), "stop")
+        stopped = run_echoctl("--runtime-dir", str(run), "stop")
         assert stopped.returncode == 0, stopped.stderr

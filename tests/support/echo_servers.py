@@ -16,8 +16,6 @@ import heapq
 import itertools
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -256,27 +254,3 @@ def unused_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
-
-
-ECHOCTL = (sys.executable, "-m", "echod.ctl.main")
-
-
-def run_echoctl(
-    *args: str | int, stdin: bytes | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run echoctl to completion (killed and reaped if it overruns) and check it stayed tidy."""
-    completed = subprocess.run(
-        [*ECHOCTL, *map(str, args)],
-        input=stdin if stdin is not None else b"",
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    result = subprocess.CompletedProcess(
-        completed.args,
-        completed.returncode,
-        completed.stdout.decode("utf-8", "replace"),
-        completed.stderr.decode("utf-8", "replace"),
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result

@@ -255,3 +255,27 @@ def ipv6_available() -> bool:
         return True
     except OSError:
         return False
+
+
+ECHOCTL = (sys.executable, "-m", "echod.ctl.main")
+
+
+def run_echoctl(
+    *args: str | int, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run echoctl to completion (killed and reaped if it overruns) and check it stayed tidy."""
+    completed = subprocess.run(
+        [*ECHOCTL, *map(str, args)],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    result = subprocess.CompletedProcess(
+        completed.args,
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
