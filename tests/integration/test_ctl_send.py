@@ -278,6 +278,9 @@ def test_ctrl_c_prints_the_summary_so_far(server: EchoServer) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as a shell starts a foreground command: a suite run from a background job
+        # (`make test &`, a CI runner) would pass SIGINT on ignored, and Ctrl-C with it
+        preexec_fn=_sigint_by_default,
     )
     try:
         first_line = _read_line(process, deadline=time.monotonic() + 20)
@@ -293,6 +296,10 @@ def test_ctrl_c_prints_the_summary_so_far(server: EchoServer) -> None:
     summary = re.search(r"^(\d+) probes sent, (\d+) received, 0% loss$", stdout, re.M)
     assert summary and summary[1] == summary[2]
     assert 1 <= int(summary[1]) < 1000
+
+
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _read_line(process: subprocess.Popen[str], *, deadline: float) -> str:
