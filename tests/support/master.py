@@ -7,11 +7,26 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from echod.scoreboard import State, WorkerSlot
+from echod.config import Config
+from echod.pidfile import PidFile
+from echod.scoreboard import Scoreboard, State, WorkerSlot
 from echod.server.children import Children
 from echod.server.listeners import Listener
-from echod.server.master import Master
+from echod.server.master import Hooks, Master
 from echod.server.phases import WorkerProcess
+
+
+def fake_master(config: Config, board: Scoreboard, hooks: Hooks) -> Master:
+    """A master with no listeners and fake children: it decides, the test acts."""
+    return Master(
+        config=config,
+        listeners=[],
+        scoreboard=board,
+        load_config=lambda: config,
+        pidfile=PidFile(f"{config.runtime_dir}/echod.pid"),
+        hooks=hooks,
+        children=FakeChildren(),
+    )
 
 
 @dataclass

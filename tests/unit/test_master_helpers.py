@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.master import FakeChildren, started
+from support.master import FakeChildren, fake_master, started
 
 from echod.config import Config
-from echod.pidfile import PidFile
 from echod.scoreboard import Scoreboard
 from echod.server.children import Inheritance
-from echod.server.master import Master
 from echod.server.metrics_child import MetricsService
 from echod.server.startup import SystemdHooks
 from echod.system.systemd import Notifier
@@ -102,15 +100,7 @@ def test_systemd_hears_the_watchdog_only_while_workers_serve(
     SENT.clear()
     systemd = SystemdHooks(notifier, reporter=None)
     config = Config(workers=1, runtime_dir=str(tmp_path))
-    master = Master(
-        config=config,
-        listeners=[],
-        scoreboard=board,
-        load_config=lambda: config,
-        pidfile=PidFile(tmp_path / "echod.pid"),
-        hooks=systemd.hooks(),
-        children=FakeChildren(),
-    )
+    master = fake_master(config, board, systemd.hooks())
     master._supervise(0.0)  # booting: a first STATUS, no watchdog
     assert SENT == [{"STATUS": "0 worker(s) serving, 0 connection(s), generation 1"}]
     started(master)

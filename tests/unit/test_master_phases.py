@@ -17,12 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from support.master import FakeChildren, report, started
+from support.master import FakeChildren, fake_master, report, started
 
 from echod import exitcodes
 from echod.addresses import parse_address
 from echod.config import MAX_WORKERS, Config
-from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, Scoreboard, State
 from echod.server import master as master_module
 from echod.server.children import (
@@ -83,15 +82,7 @@ def make_master(tmp_path: Path, board: Scoreboard, heard: Heard):
             worker_timeout=10.0,
             **settings,
         )  # type: ignore[arg-type]
-        return Master(
-            config=config,
-            listeners=[],
-            scoreboard=board,
-            load_config=lambda: config,
-            pidfile=PidFile(tmp_path / "echod.pid"),
-            hooks=heard.hooks(),
-            children=FakeChildren(),
-        )
+        return fake_master(config, board, heard.hooks())
 
     return make
 
