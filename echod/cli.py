@@ -123,7 +123,11 @@ class ConfigSource:
     cli_overrides: dict[str, Any]
 
     def load(self) -> Config:
+        """Read again on reload: silent about the environment, said once at start."""
         return load_config(self.path, self.cli_overrides)
+
+    def load_first(self) -> Config:
+        return load_config(self.path, self.cli_overrides, warn=_warn)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConfigSource:
@@ -157,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         source = ConfigSource.from_args(args)
-        config = source.load()
+        config = source.load_first()
         if args.print_config:
             sys.stdout.write(config.to_toml())
             return exitcodes.OK
@@ -178,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("internal error", exc_info=True)
         sys.stderr.write(f"echod: internal error: {type(exc).__name__}: {exc}\n")
         return exitcodes.FAILURE
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"echod: warning: {message}\n")
 
 
 def _fail(exc: EchodError) -> None:

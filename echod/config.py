@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import tomllib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -140,6 +141,10 @@ class Config:
     udp_rate_total: int = _key(int, _between(0, 100_000_000), default=10000)
     # SO_RCVBUF of UDP listeners, 0 = the kernel's default (capped at net.core.rmem_max)
     udp_receive_buffer: int = _key(int, _receive_buffer, default=DEFAULT_UDP_RECEIVE_BUFFER)
+    # behind a load balancer (see README, "Running behind a load balancer")
+    proxy_protocol_from: tuple[str, ...] = _key(list, networks_problem, default=())
+    proxy_header_timeout: float = _key(float, _positive, default=3.0)
+    shutdown_delay: float = _key(float, _non_negative, default=0.0)
 
     @property
     def addresses(self) -> list[Address]:
@@ -256,16 +261,50 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+# What the kubelet injects for a Service named "echod": ECHOD_SERVICE_HOST,
+# ECHOD_SERVICE_PORT[_NAME], ECHOD_PORT, ECHOD_PORT_7_TCP[_PROTO|_PORT|_ADDR].
+_SERVICE_LINK = re.compile(
+    r"ECHOD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)"
+)
+
+Warn = Callable[[str], None]
+
+
+def env_overrides(environ: Mapping[str, str], warn: Warn | None = None) -> dict[str, Any]:
+    """The ``ECHOD_<KEY>`` layer. Any other ``ECHOD_*`` variable is ignored with a
+    warning, never an error: the kubelet puts service links into every pod of a
+    namespace with a Service named ``echod``, and echod must start there."""
     overrides: dict[str, Any] = {}
-    for var, text in environ.items():
+    unknown: list[str] = []
+    for var, text in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
         name = var[len(ENV_PREFIX) :].lower()
-        if name not in KEYS:
-            raise ConfigError(f"environment: unknown variable {var}{suggest_key(name)}")
-        overrides[name] = parse_env_value(name, text)
+        if name in KEYS:
+            overrides[name] = parse_env_value(name, text)
+        else:
+            unknown.append(var)
+    if warn is not None:
+        for line in unknown_env_warnings(unknown):
+            warn(line)
     return overrides
+
+
+def unknown_env_warnings(variables: list[str]) -> list[str]:
+    """One line per unknown variable, except Kubernetes service links: one line for all."""
+    links = [var for var in variables if _SERVICE_LINK.fullmatch(var)]
+    lines = []
+    for var in variables:
+        if var not in links:
+            close = difflib.get_close_matches(var[len(ENV_PREFIX) :].lower(), KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            lines.append(f"environment: ignoring unknown variable {var}{hint}")
+    if links:
+        lines.append(
+            f"environment: ignoring {', '.join(links)} (Kubernetes service links; "
+            "enableServiceLinks: false in the pod spec turns them off)"
+        )
+    return lines
 
 
 PATH_KEYS = ("runtime_dir", "pidfile", "log_file", "access_log")
@@ -291,8 +330,11 @@ def load_config(
     config_path: str | None = None,
     cli_overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    warn: Warn | None = None,
 ) -> Config:
-    """Build the effective config; raise ConfigError naming the key and where it came from."""
+    """Build the effective config; raise ConfigError naming the key and where it came from.
+
+    `warn` hears what is ignored (unknown ``ECHOD_*`` variables), one line each."""
     environ = os.environ if environ is None else environ
     path = config_path or environ.get(CONFIG_ENV) or None
     path = os.path.abspath(path) if path else None
@@ -300,7 +342,7 @@ def load_config(
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if path:
         layers.append((path, read_config_file(path)))
-    layers.append(("environment", env_overrides(environ)))
+    layers.append(("environment", env_overrides(environ, warn)))
     layers.append(("command line", cli_overrides or {}))
     for origin, layer in layers:
         for name, value in layer.items():

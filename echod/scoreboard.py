@@ -38,6 +38,16 @@ class State(IntEnum):
     RETIRING = 4  # asks the master for a replacement (recycling), still serving
 
 
+class MasterStatus(IntEnum):
+    """What the master is doing, for /healthz and /readyz. Zero (STARTING) until the
+    master first says otherwise, so a header an older master wrote reads as that."""
+
+    STARTING = 0  # booting, or re-executed and not yet serving
+    SERVING = 1  # supervising workers, taking new clients (reloads and upgrades too)
+    SHUTTING_DOWN = 2  # TERM received: still serving for shutdown_delay, not ready
+    STOPPING = 3  # listeners closed, connections finishing
+
+
 class Counter(IntEnum):
     """Indices into a slot's counters. Append only: the layout is shared with readers."""
 
@@ -122,6 +132,12 @@ _FOLD_SEQUENCE_OFFSET = 376
 # their peers are only when that changes (see echod.server.balance).
 _ROSTER = struct.Struct("<I")
 _ROSTER_OFFSET = 368
+# The master's status and heartbeat (whole seconds of CLOCK_MONOTONIC, which is
+# system-wide, so a reader compares it with its own time.monotonic()).
+_MASTER_STATUS = struct.Struct("<B3x")
+_MASTER_STATUS_OFFSET = 372
+_MASTER_HEARTBEAT = struct.Struct("<I")
+_MASTER_HEARTBEAT_OFFSET = 324
 HEADER_SIZE = 512
 # pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
 _SLOT_HEAD = struct.Struct("<iIBxHddI4x")
@@ -135,7 +151,10 @@ _ACCEPT_STATE_OFFSET = _STATE_OFFSET + 1  # pad byte after state: balance.Accept
 # a peer's pid, accept state, heartbeat and open connections, read in one go
 _PEER_LOAD = struct.Struct("<i5xB10xdI")
 
-assert _HEADER.size <= _RETIRED_DROPS_OFFSET
+assert _HEADER.size <= _MASTER_HEARTBEAT_OFFSET
+assert _MASTER_HEARTBEAT_OFFSET + _MASTER_HEARTBEAT.size <= _RETIRED_DROPS_OFFSET
+assert _ROSTER_OFFSET + _ROSTER.size <= _MASTER_STATUS_OFFSET
+assert _MASTER_STATUS_OFFSET + _MASTER_STATUS.size <= _FOLD_SEQUENCE_OFFSET
 assert _RETIRED_DROPS_OFFSET + _RETIRED_DROPS.size <= _ROSTER_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
 assert _PEER_LOAD.size == _ACTIVE_OFFSET + 4
@@ -183,6 +202,8 @@ class MasterView:
     retired: tuple[int, ...]
     events: tuple[int, ...] = ()
     udp_drops: DropPairs = ()
+    status: MasterStatus = MasterStatus.STARTING
+    heartbeat: int = 0  # whole seconds of time.monotonic(), 0 = never beat
 
 
 class Snapshot(NamedTuple):
@@ -314,7 +335,18 @@ class Scoreboard:
             retired=tuple(fields[7:]),
             events=_MASTER_COUNTERS.unpack_from(self.buffer, _MASTER_COUNTERS_OFFSET),
             udp_drops=_pairs(_RETIRED_DROPS.unpack_from(self.buffer, _RETIRED_DROPS_OFFSET)),
+            status=_master_status(
+                _MASTER_STATUS.unpack_from(self.buffer, _MASTER_STATUS_OFFSET)[0]
+            ),
+            heartbeat=_MASTER_HEARTBEAT.unpack_from(self.buffer, _MASTER_HEARTBEAT_OFFSET)[0],
         )
+
+    def set_master_status(self, status: MasterStatus) -> None:
+        _MASTER_STATUS.pack_into(self.buffer, _MASTER_STATUS_OFFSET, status)
+
+    def master_heartbeat(self, now: float) -> None:
+        """`now` from time.monotonic(); the master beats on every pass of its loop."""
+        _MASTER_HEARTBEAT.pack_into(self.buffer, _MASTER_HEARTBEAT_OFFSET, int(now) & 0xFFFFFFFF)
 
     def count_event(self, which: MasterCounter, amount: int = 1) -> None:
         offset = _MASTER_COUNTERS_OFFSET + 8 * which
@@ -509,6 +541,13 @@ class WorkerSlot:
         _SLOT_DROPS.pack_into(
             self.buffer, self.offset + _SLOT_DROPS_OFFSET, *_flat(pairs, UDP_DROP_SOCKETS_PER_SLOT)
         )
+
+
+def _master_status(value: int) -> MasterStatus:
+    try:
+        return MasterStatus(value)
+    except ValueError:  # written by a newer master: it is up, whatever it is doing
+        return MasterStatus.SERVING
 
 
 def scoreboard_path(pidfile: str) -> str:

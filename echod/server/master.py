@@ -27,7 +27,7 @@ from echod.config import DEFAULT_UDP_RECEIVE_BUFFER, MAX_WORKERS, Config
 from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
-from echod.scoreboard import MasterCounter, Scoreboard, State, WorkerSlot
+from echod.scoreboard import MasterCounter, MasterStatus, Scoreboard, State, WorkerSlot
 from echod.server import access
 from echod.server.children import (
     MASTER_SIGNALS,
@@ -240,6 +240,7 @@ class Master:
                 self.upgrade.request(stopping=self.phase is MasterPhase.STOPPING)
 
     def _supervise(self, now: float) -> None:
+        self.scoreboard.master_heartbeat(now)  # /healthz: the master is alive and looping
         self._kill_hung_workers(now)
         self._enforce_retire_deadlines(now)
         self.upgrade.watch(now, self.children.kill)
@@ -594,6 +595,7 @@ class Master:
         kind = "graceful" if graceful else "fast"
         log.info("%s stop: closing listeners, %d worker(s) to finish", kind, len(self.workers))
         if not stopping:
+            self.scoreboard.set_master_status(MasterStatus.STOPPING)
             self.hooks.on_stopping(self)
             self._move(MasterPhase.STOPPING)
         for listener in self.listeners:
@@ -641,6 +643,7 @@ class Master:
         ):
             return
         self.ready_announced = True
+        self.scoreboard.set_master_status(MasterStatus.SERVING)
         log.info("echod %s ready: %d worker(s) serving", self.version, len(current))
         self.hooks.on_ready(self)
 

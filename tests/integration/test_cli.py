@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support.echod import child_env, echod_command
+from support.echod import child_env, echo_roundtrip, echod_command
 from support.paths import ETC
 
 
@@ -121,9 +121,45 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
     assert effective["max_buffer"] == 262144  # built-in default
 
 
-def test_unknown_environment_variable_is_named(tmp_path: Path) -> None:
+def test_unknown_environment_variable_is_a_warning_naming_the_likely_key() -> None:
     result = run_echod("-t", env={"ECHOD_WROKERS": "2"})
-    assert_clean_failure(result, 78, "ECHOD_WROKERS", "workers")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "configuration OK"
+    assert result.stderr == (
+        "echod: warning: environment: ignoring unknown variable ECHOD_WROKERS"
+        " (did you mean ECHOD_WORKERS?)\n"
+    )
+
+
+# What the kubelet injects into every pod of a namespace with a Service named echod.
+KUBERNETES_SERVICE_LINKS = {
+    "ECHOD_SERVICE_HOST": "10.96.0.12",
+    "ECHOD_SERVICE_PORT": "7",
+    "ECHOD_PORT": "tcp://10.96.0.12:7",
+    "ECHOD_PORT_7_TCP": "tcp://10.96.0.12:7",
+    "ECHOD_PORT_7_TCP_PROTO": "tcp",
+    "ECHOD_PORT_7_TCP_PORT": "7",
+    "ECHOD_PORT_7_TCP_ADDR": "10.96.0.12",
+}
+
+
+def test_kubernetes_service_links_do_not_stop_a_start(start_echod) -> None:
+    result = run_echod("-t", env={**KUBERNETES_SERVICE_LINKS, "ECHOD_WORKERS": "3"})
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()  # one line for all of them
+    assert line.startswith("echod: warning: environment: ignoring ")
+    assert all(name in line for name in KUBERNETES_SERVICE_LINKS)
+    assert "Kubernetes" in line
+    effective = tomllib.loads(run_echod("--print-config", env=KUBERNETES_SERVICE_LINKS).stdout)
+    assert effective["bind"] == ["127.0.0.1:7007"]  # ECHOD_PORT is not a config key
+    server = start_echod(env=KUBERNETES_SERVICE_LINKS)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert echo_roundtrip(sock, b"in a pod") == b"in a pod"
+
+
+def test_a_bad_value_of_a_known_key_still_exits_78_naming_the_variable() -> None:
+    result = run_echod("-t", env={"ECHOD_WORKERS": "many", "ECHOD_SERVICE_HOST": "10.0.0.1"})
+    assert_clean_failure(result, 78, "environment", "workers", "many")
 
 
 def test_address_in_use_exits_69(tmp_path: Path) -> None:
