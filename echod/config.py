@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import tomllib
 import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
