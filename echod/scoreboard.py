@@ -78,6 +78,12 @@ class Counter(IntEnum):
     ACCEPT_ABORTED = 24  # ECONNABORTED or EPROTO: the client left before accept()
     ACCEPT_OTHER = 25
     UDP_DROPPED_RATE_TOTAL = 26  # over udp_rate_total (UDP_DROPPED_RATE: per source)
+    # PROXY protocol headers from proxy_protocol_from sources, by outcome
+    PROXY_PROXIED = 27  # a PROXY header: its client address is the client
+    PROXY_LOCAL = 28  # v2 LOCAL, v1 UNKNOWN, or an unspecified family: the real peer stays
+    PROXY_MALFORMED = 29  # closed: not a valid v1/v2 header
+    PROXY_TIMEOUT = 30  # closed: incomplete after proxy_header_timeout
+    PROXY_CLOSED_EARLY = 31  # the peer closed or reset before the header was complete
 
 
 # Why a stream connection ended, by the counter its close bumps: the metrics'
