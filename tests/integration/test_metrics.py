@@ -536,3 +536,33 @@ def test_healthz_and_readyz(start_echod) -> None:
     finally:
         server.send_signal(signal.SIGCONT)
     assert stale.endswith(b"heartbeat stale\n")
+
+
+def test_readyz_turns_503_once_a_termed_echod_stops(start_echod) -> None:
+    server = start_echod(workers=1, config={**CONFIG, "graceful_timeout": 60})
+    address = _endpoint(server)
+    held = server.connect()  # keeps the master alive in STOPPING
+    try:
+        assert echo_roundtrip(held, b"held") == b"held"
+        wait_until(
+            lambda: _raw_request(address, b"GET /readyz HTTP/1.1\r\n\r\n").startswith(
+                b"HTTP/1.1 200 "
+            ),
+            10,
+            message="/readyz 200",
+        )
+        server.send_signal(signal.SIGTERM)
+        stopping = wait_until(
+            lambda: (
+                (r := _raw_request(address, b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(
+                    b"HTTP/1.1 503 "
+                )
+                and r
+            ),
+            10,
+            message="/readyz 503 after TERM",
+        )
+        assert stopping.endswith(b"not ready: shutting down\n")
+    finally:
+        held.close()
+    assert server.wait(30) == 0
