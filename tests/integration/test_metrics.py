@@ -566,3 +566,18 @@ def test_readyz_turns_503_once_a_termed_echod_stops(start_echod) -> None:
     finally:
         held.close()
     assert server.wait(30) == 0
+
+
+def test_promtool_accepts_the_exposition(start_echod) -> None:
+    # CI installs Debian's prometheus package: a missing promtool fails, never skips
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool not installed (Debian package prometheus)"
+    server = start_echod(workers=2, config=CONFIG)
+    text = _scrape_text(_endpoint(server))
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
