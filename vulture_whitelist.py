@@ -14,8 +14,3 @@ proxy_protocol_from
 proxy_header_timeout
 shutdown_delay
 SHUTTING_DOWN
-PROXY_PROXIED
-PROXY_LOCAL
-PROXY_MALFORMED
-PROXY_TIMEOUT
-PROXY_CLOSED_EARLY

@@ -42,6 +42,13 @@ UDP_RESULTS = {
     "dropped_rate_limit": Counter.UDP_DROPPED_RATE,
     "dropped_total_rate_limit": Counter.UDP_DROPPED_RATE_TOTAL,
 }
+PROXY_RESULTS = {
+    "proxied": Counter.PROXY_PROXIED,
+    "local": Counter.PROXY_LOCAL,
+    "malformed": Counter.PROXY_MALFORMED,
+    "timeout": Counter.PROXY_TIMEOUT,
+    "closed_early": Counter.PROXY_CLOSED_EARLY,
+}
 REJECTIONS = {
     "denied": Counter.REJECTED_DENIED,
     "per_ip_limit": Counter.REJECTED_PER_IP,
@@ -242,6 +249,15 @@ def collect(
             counter("echod_udp_datagrams_total", "UDP datagrams by what became of them"),
             "result",
             UDP_RESULTS,
+            totals,
+        ),
+        _labelled(
+            counter(
+                "echod_proxy_headers_total",
+                "PROXY protocol headers from proxy_protocol_from sources, by outcome",
+            ),
+            "result",
+            PROXY_RESULTS,
             totals,
         ),
         counter(

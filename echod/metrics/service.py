@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from echod import logs, procname
-from echod.metrics import render
+from echod.metrics import health, render
 from echod.scoreboard import Scoreboard
 
 log = logging.getLogger("echod.metrics")
@@ -44,6 +44,7 @@ STATUS_TEXT = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
 }
 
 
@@ -154,10 +155,12 @@ class MetricsServer:
         end = client.request.find(b"\r\n\r\n")
         if end < 0:
             end = client.request.find(b"\n\n")
-        if end >= 0:
-            self._answer(client, bytes(client.request[:end]))
-        elif len(client.request) > MAX_REQUEST:
+        # The limit is on the head itself, wherever the recv() boundaries fall:
+        # 12 KiB in one write and 10 KiB in 1000-byte pieces are both too large.
+        if (end >= 0 and end > MAX_REQUEST) or (end < 0 and len(client.request) > MAX_REQUEST):
             self._respond(client, 431, b"request too large\n")
+        elif end >= 0:
+            self._answer(client, bytes(client.request[:end]))
 
     def _answer(self, client: HttpClient, head: bytes) -> None:
         request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
@@ -166,16 +169,21 @@ class MetricsServer:
             self._respond(client, 400, b"bad request\n")
             return
         method, target, _ = parts
-        path = target.split(b"?", 1)[0]
-        if path != b"/metrics":
+        path = _origin_path(target)
+        head_only = method == b"HEAD"
+        if path not in (b"/metrics", b"/healthz", b"/readyz"):
             self._respond(client, 404, b"not found: try /metrics\n")
         elif method not in (b"GET", b"HEAD"):
             self._respond(client, 405, b"only GET and HEAD\n", extra="Allow: GET, HEAD\r\n")
+        elif path == b"/healthz":
+            status, text = health.healthz(self.board.master(), self.master_pid)
+            self._respond(client, status, text.encode(), head_only=head_only)
+        elif path == b"/readyz":
+            status, text = health.readyz(self.board.snapshot(), self.master_pid)
+            self._respond(client, status, text.encode(), head_only=head_only)
         else:
             body = render.render(render.collect(self.board, self.sampler, self.max_fds)).encode()
-            self._respond(
-                client, 200, body, content_type=render.CONTENT_TYPE, head_only=method == b"HEAD"
-            )
+            self._respond(client, 200, body, content_type=render.CONTENT_TYPE, head_only=head_only)
 
     def _respond(
         self,
@@ -236,3 +244,14 @@ class MetricsServer:
         client.sock.close()
         if not self.accepting and len(self.clients) < MAX_CLIENTS:
             self._accepting(True)
+
+
+def _origin_path(target: bytes) -> bytes:
+    """The path of an origin-form or absolute-form target (RFC 9112 section 3.2.2:
+    a server must accept ``http://host:port/metrics`` as well as ``/metrics``)."""
+    lowered = target[:8].lower()
+    if lowered.startswith((b"http://", b"https://")):
+        rest = target.split(b"//", 1)[1]
+        slash = rest.find(b"/")
+        target = rest[slash:] if slash >= 0 else b"/"
+    return target.split(b"?", 1)[0]

@@ -480,3 +480,104 @@ def test_rejections_and_udp_drops_are_counted_by_reason(start_echod) -> None:
     echoed = value(samples, "echod_udp_datagrams_total", result="echoed")
     dropped = value(samples, "echod_udp_datagrams_total", result="dropped_rate_limit")
     assert echoed >= 1 and dropped >= 15 and echoed + dropped == 20
+
+
+def _trickled_request(address: str, request: bytes, piece: int) -> bytes:
+    with socket.create_connection(tuple_of(address), timeout=10) as sock:
+        for start in range(0, len(request), piece):
+            try:
+                sock.sendall(request[start : start + piece])
+            except OSError:
+                break  # answered and closed before the rest: fine
+        return recv_until_eof(sock, 10)
+
+
+def test_size_limit_does_not_depend_on_how_bytes_arrive_and_absolute_form(start_echod) -> None:
+    server = start_echod(config=CONFIG)
+    address = _endpoint(server)
+    one_write = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 12_000 + b"\r\n\r\n"
+    assert _raw_request(address, one_write).startswith(b"HTTP/1.1 431 ")
+    trickled = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 10_000 + b"\r\n\r\n"
+    assert _trickled_request(address, trickled, 1000).startswith(b"HTTP/1.1 431 ")
+    absolute = _raw_request(address, f"GET http://{address}/metrics HTTP/1.1\r\n\r\n".encode())
+    assert absolute.startswith(b"HTTP/1.1 200 OK\r\n") and b"echod_build_info" in absolute
+    assert b'echod_proxy_headers_total{result="malformed"} 0' in absolute
+
+
+def test_healthz_and_readyz(start_echod) -> None:
+    server = start_echod(workers=1, config=CONFIG)
+    address = _endpoint(server)
+    server.wait_workers(1)
+    assert _raw_request(address, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\nok\n")
+    ready = wait_until(
+        lambda: (
+            (r := _raw_request(address, b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(
+                b"HTTP/1.1 200 "
+            )
+            and r
+        ),
+        10,
+        message="/readyz 200",
+    )
+    assert ready.endswith(b"\r\n\r\nready\n")
+    server.send_signal(signal.SIGSTOP)
+    try:
+        stale = wait_until(
+            lambda: (
+                (r := _raw_request(address, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(
+                    b"HTTP/1.1 503 "
+                )
+                and r
+            ),
+            20,
+            interval=0.5,
+            message="/healthz 503 with the master stopped",
+        )
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert stale.endswith(b"heartbeat stale\n")
+
+
+def test_readyz_turns_503_once_a_termed_echod_stops(start_echod) -> None:
+    server = start_echod(workers=1, config={**CONFIG, "graceful_timeout": 60})
+    address = _endpoint(server)
+    held = server.connect()  # keeps the master alive in STOPPING
+    try:
+        assert echo_roundtrip(held, b"held") == b"held"
+        wait_until(
+            lambda: _raw_request(address, b"GET /readyz HTTP/1.1\r\n\r\n").startswith(
+                b"HTTP/1.1 200 "
+            ),
+            10,
+            message="/readyz 200",
+        )
+        server.send_signal(signal.SIGTERM)
+        stopping = wait_until(
+            lambda: (
+                (r := _raw_request(address, b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(
+                    b"HTTP/1.1 503 "
+                )
+                and r
+            ),
+            10,
+            message="/readyz 503 after TERM",
+        )
+        assert stopping.endswith(b"not ready: shutting down\n")
+    finally:
+        held.close()
+    assert server.wait(30) == 0
+
+
+def test_promtool_accepts_the_exposition(start_echod) -> None:
+    # CI installs Debian's prometheus package: a missing promtool fails, never skips
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool not installed (Debian package prometheus)"
+    server = start_echod(workers=2, config=CONFIG)
+    text = _scrape_text(_endpoint(server))
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
