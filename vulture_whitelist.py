@@ -12,5 +12,3 @@ frame  # a signal handler is called as handler(signum, frame) (echod/server/sign
 # TEMPORARY while issue 13 lands in pieces (remove when used): config keys and status
 proxy_protocol_from
 proxy_header_timeout
-shutdown_delay
-SHUTTING_DOWN

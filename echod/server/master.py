@@ -63,6 +63,7 @@ class Hooks:
     on_ready: Callable[[Master], None] = lambda master: None
     on_reloading: Callable[[Master], None] = lambda master: None
     on_stopping: Callable[[Master], None] = lambda master: None
+    on_shutting_down: Callable[[Master], None] = lambda master: None
     on_tick: Callable[[Master], None] = lambda master: None
 
 
@@ -121,6 +122,7 @@ class Master:
         self.desired = self.config.workers
         self.phase = MasterPhase.RUNNING
         self.stop_deadline = 0.0
+        self.shutdown_ends = 0.0  # SHUTTING_DOWN: when the graceful stop begins
         self.exit_code = exitcodes.OK
         self.ready_announced = False
         self.backoff: dict[int, RestartBackoff] = {}  # by worker id
@@ -237,10 +239,15 @@ class Master:
                 logs.reopen_log_files()
                 self._signal_workers(signal.SIGUSR1)
             case signal.SIGUSR2:
-                self.upgrade.request(stopping=self.phase is MasterPhase.STOPPING)
+                self.upgrade.request(stopping=self._leaving())
+
+    def _leaving(self) -> bool:
+        return self.phase in (MasterPhase.SHUTTING_DOWN, MasterPhase.STOPPING)
 
     def _supervise(self, now: float) -> None:
         self.scoreboard.master_heartbeat(now)  # /healthz: the master is alive and looping
+        if self.phase is MasterPhase.SHUTTING_DOWN and now >= self.shutdown_ends:
+            self._stop_now(graceful=True)
         self._kill_hung_workers(now)
         self._enforce_retire_deadlines(now)
         self.upgrade.watch(now, self.children.kill)
@@ -452,7 +459,8 @@ class Master:
 
     # -- reload, scaling, recycling ------------------------------------------------
     def reload(self) -> None:
-        if self.phase is MasterPhase.STOPPING:
+        if self.phase in (MasterPhase.STOPPING, MasterPhase.SHUTTING_DOWN):
+            log.info("not reloading: the master is stopping")
             return
         log.info("reloading configuration")
         self.hooks.on_reloading(self)
@@ -592,6 +600,12 @@ class Master:
         stopping = self.phase is MasterPhase.STOPPING
         if stopping and graceful:
             return
+        if graceful and self._delay_shutdown():
+            return
+        self._stop_now(graceful)
+
+    def _stop_now(self, graceful: bool) -> None:
+        stopping = self.phase is MasterPhase.STOPPING
         kind = "graceful" if graceful else "fast"
         log.info("%s stop: closing listeners, %d worker(s) to finish", kind, len(self.workers))
         if not stopping:
@@ -606,6 +620,22 @@ class Master:
         self.stop_deadline = min(self.stop_deadline, deadline) if self.stop_deadline else deadline
         for worker in self.workers.values():
             self._retire(worker, graceful)  # a fast stop overrides a graceful one
+
+    def _delay_shutdown(self) -> bool:
+        """TERM with shutdown_delay: stay up, serving but not ready, so that balancers
+        and Kubernetes take this instance out before its listeners close. True while
+        the delay runs (a second TERM changes nothing; INT and QUIT end it at once)."""
+        if self.phase is MasterPhase.SHUTTING_DOWN:
+            return True  # the tick ends the delay
+        delay = self.config.shutdown_delay
+        if delay <= 0:
+            return False
+        self._move(MasterPhase.SHUTTING_DOWN)
+        self.shutdown_ends = time.monotonic() + delay
+        self.scoreboard.set_master_status(MasterStatus.SHUTTING_DOWN)
+        log.info("shutting down: not ready, still serving for %g s (shutdown_delay)", delay)
+        self.hooks.on_shutting_down(self)
+        return True
 
     def _cleanup(self) -> None:
         for helper in self.helpers:

@@ -81,6 +81,7 @@ class MasterPhase(enum.Enum):
     RUNNING = "running"
     RELOADING = "reloading"  # HUP: a new generation boots; the old one drains once it serves
     ADOPTING = "adopting"  # after an in-place upgrade: the same, for the adopted workers
+    SHUTTING_DOWN = "shutting down"  # TERM with shutdown_delay: not ready, still serving
     STOPPING = "stopping"  # listeners closed; leaves when the last worker is reaped
 
     @property
@@ -91,10 +92,12 @@ class MasterPhase(enum.Enum):
 
 _M = MasterPhase
 MASTER_MOVES: dict[MasterPhase, frozenset[MasterPhase]] = {
-    _M.RUNNING: frozenset({_M.RELOADING, _M.ADOPTING, _M.STOPPING}),
+    _M.RUNNING: frozenset({_M.RELOADING, _M.ADOPTING, _M.SHUTTING_DOWN, _M.STOPPING}),
     # a HUP during a switch starts yet another generation, and counts as a reload
-    _M.RELOADING: frozenset({_M.RUNNING, _M.RELOADING, _M.STOPPING}),
-    _M.ADOPTING: frozenset({_M.RUNNING, _M.RELOADING, _M.STOPPING}),
+    _M.RELOADING: frozenset({_M.RUNNING, _M.RELOADING, _M.SHUTTING_DOWN, _M.STOPPING}),
+    _M.ADOPTING: frozenset({_M.RUNNING, _M.RELOADING, _M.SHUTTING_DOWN, _M.STOPPING}),
+    # workers keep serving (and are replaced) until the delay ends or INT/QUIT comes
+    _M.SHUTTING_DOWN: frozenset({_M.STOPPING}),
     _M.STOPPING: frozenset(),
 }
 

@@ -27,6 +27,7 @@ from echod.scoreboard import Scoreboard, State, scoreboard_path
 from echod.server.listeners import Listener, adopt_sockets, open_listeners, take_activated_sockets
 from echod.server.master import Hooks, Master
 from echod.server.metrics_child import MetricsService
+from echod.server.phases import MasterPhase
 from echod.server.upgrade import Handoff, take_handoff
 from echod.system.daemonize import ReadinessReporter, launch_daemon
 from echod.system.privileges import chown_for, drop_privileges, resolve_identity
@@ -180,6 +181,7 @@ class SystemdHooks:
             on_ready=self.on_ready,
             on_reloading=lambda master: self.notifier.reloading(),
             on_stopping=lambda master: self.notifier.stopping(),
+            on_shutting_down=self.on_shutting_down,
             on_tick=self.on_tick,
         )
 
@@ -187,6 +189,12 @@ class SystemdHooks:
         self.notifier.ready(_status_line(master))
         if self.reporter is not None:
             self.reporter.ready()
+
+    def on_shutting_down(self, master: Master) -> None:
+        """At once, not at the next tick: an operator watching systemctl status sees why
+        the instance is still up after TERM."""
+        self.status = _status_line(master)
+        self.notifier.status(self.status)
 
     def on_tick(self, master: Master) -> None:
         now = time.monotonic()
@@ -207,7 +215,11 @@ def _status_line(master: Master) -> str:
     slots = [master.scoreboard.slot(w.slot) for w in master.workers.values()]
     serving = sum(1 for s in slots if s.state in (State.READY, State.RETIRING))
     active = sum(s.active for s in slots)
-    return f"{serving} worker(s) serving, {active} connection(s), generation {master.generation}"
+    line = f"{serving} worker(s) serving, {active} connection(s), generation {master.generation}"
+    if master.phase is MasterPhase.SHUTTING_DOWN:
+        left = max(0.0, master.shutdown_ends - time.monotonic())
+        return f"shutting down: not ready, still serving for {left:.0f} s; {line}"
+    return line
 
 
 def _setup_logging(config: Config, log_file: str) -> None:

@@ -22,7 +22,7 @@ from support.master import FakeChildren, fake_master, report, started
 from echod import exitcodes
 from echod.addresses import parse_address
 from echod.config import MAX_WORKERS, Config
-from echod.scoreboard import MasterCounter, Scoreboard, State
+from echod.scoreboard import MasterCounter, MasterStatus, Scoreboard, State
 from echod.server import master as master_module
 from echod.server.children import (
     Inheritance,
@@ -50,13 +50,17 @@ class Heard:
     ready: int = 0
     reloading: int = 0
     stopping: int = 0
+    shutting_down: int = 0
 
     def hooks(self) -> Hooks:
         def count(name: str) -> Callable[[Master], None]:
             return lambda master: setattr(self, name, getattr(self, name) + 1)
 
         return Hooks(
-            on_ready=count("ready"), on_reloading=count("reloading"), on_stopping=count("stopping")
+            on_ready=count("ready"),
+            on_reloading=count("reloading"),
+            on_stopping=count("stopping"),
+            on_shutting_down=count("shutting_down"),
         )
 
 
@@ -391,6 +395,42 @@ def test_hup_ttin_and_usr2_are_ignored_while_stopping(make_master, heard) -> Non
     master._handle_signal(signal.SIGUSR2)
     assert master.generation == 1 and master.desired == 1
     assert heard.reloading == 0 and not master.upgrade.in_progress
+
+
+def test_term_with_a_shutdown_delay_serves_on_not_ready_then_stops(make_master, heard) -> None:
+    master = make_master(workers=2, shutdown_delay=5.0)  # below worker_timeout
+    workers = started(master)
+    master._handle_signal(signal.SIGTERM)
+    assert master.phase is MasterPhase.SHUTTING_DOWN
+    assert master.scoreboard.master().status is MasterStatus.SHUTTING_DOWN
+    assert heard.shutting_down == 1 and heard.stopping == 0
+    assert [w.phase for w in workers] == [WorkerPhase.SERVING] * 2  # nobody told to go
+    master._handle_signal(signal.SIGTERM)  # a second TERM does not cut the delay short
+    master._handle_signal(signal.SIGHUP)  # nor does a reload start
+    master._handle_signal(signal.SIGUSR2)  # nor an upgrade
+    assert master.phase is MasterPhase.SHUTTING_DOWN and master.generation == 1
+    assert not master.upgrade.in_progress and heard.reloading == 0
+    master._supervise(master.shutdown_ends + 0.01)  # the delay is over
+    assert master.phase is MasterPhase.STOPPING
+    assert master.scoreboard.master().status is MasterStatus.STOPPING
+    assert heard.stopping == 1
+    assert all(w.phase is WorkerPhase.DRAINING for w in master.workers.values())
+
+
+def test_int_during_the_shutdown_delay_stops_fast_at_once(make_master, heard) -> None:
+    master = make_master(workers=2, shutdown_delay=30.0)
+    workers = started(master)
+    master._handle_signal(signal.SIGTERM)
+    master._handle_signal(signal.SIGINT)
+    assert master.phase is MasterPhase.STOPPING
+    assert [w.phase for w in workers] == [WorkerPhase.QUITTING] * 2
+
+
+def test_without_a_shutdown_delay_term_stops_at_once(make_master, heard) -> None:
+    master = make_master(workers=1)
+    started(master)
+    master._handle_signal(signal.SIGTERM)
+    assert master.phase is MasterPhase.STOPPING and heard.shutting_down == 0
 
 
 # -- the phase tables ---------------------------------------------------------------------
