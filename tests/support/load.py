@@ -40,7 +40,8 @@ class ClientLoad:
         self._deadline = time.monotonic() + max_seconds
         self._held = [socket.create_connection(self.address, timeout=10) for _ in range(held)]
         self._threads = [threading.Thread(target=self._churn, daemon=True) for _ in range(churners)]
-        self._threads.append(threading.Thread(target=self._converse, daemon=True))
+        if held:
+            self._threads.append(threading.Thread(target=self._converse, daemon=True))
 
     def __enter__(self) -> ClientLoad:
         for thread in self._threads:
