@@ -10,12 +10,5 @@ exc_type  # __exit__(exc_type, exc, traceback) must take all three (echod/pidfil
 traceback
 frame  # a signal handler is called as handler(signum, frame) (echod/server/signals.py)
 # TEMPORARY while issue 13 lands in pieces (remove when used): config keys and status
-proxy_protocol_from
-proxy_header_timeout
 shutdown_delay
 SHUTTING_DOWN
-PROXY_PROXIED
-PROXY_LOCAL
-PROXY_MALFORMED
-PROXY_TIMEOUT
-PROXY_CLOSED_EARLY
