@@ -9,6 +9,3 @@ _.format  # logging.Formatter.format overrides (echod/logs.py): logging calls th
 exc_type  # __exit__(exc_type, exc, traceback) must take all three (echod/pidfile.py)
 traceback
 frame  # a signal handler is called as handler(signum, frame) (echod/server/signals.py)
-# TEMPORARY while issue 13 lands in pieces (remove when used): config keys and status
-proxy_protocol_from
-proxy_header_timeout

@@ -86,14 +86,6 @@ def _http_bind(value: str) -> str | None:
     return None
 
 
-def _not_yet(value: tuple[str, ...]) -> str | None:
-    """Reserved: accepting it and doing nothing would echo a balancer's PROXY
-    header to the client and check its address instead of the client's."""
-    if value:
-        return "PROXY protocol is not supported yet; leave it empty ([])"
-    return None
-
-
 def _ports(value: tuple[int, ...]) -> str | None:
     bad = [port for port in value if not 0 <= port <= 65535]
     return f"{bad[0]} is not a port number (0-65535)" if bad else None
@@ -150,7 +142,7 @@ class Config:
     # SO_RCVBUF of UDP listeners, 0 = the kernel's default (capped at net.core.rmem_max)
     udp_receive_buffer: int = _key(int, _receive_buffer, default=DEFAULT_UDP_RECEIVE_BUFFER)
     # behind a load balancer (see README, "Running behind a load balancer")
-    proxy_protocol_from: tuple[str, ...] = _key(list, _not_yet, default=())
+    proxy_protocol_from: tuple[str, ...] = _key(list, networks_problem, default=())
     proxy_header_timeout: float = _key(float, _positive, default=3.0)
     shutdown_delay: float = _key(float, _non_negative, default=0.0)
 

@@ -73,13 +73,15 @@ class AdmissionGate:
         self.total_limit = config.max_connections_total
         self.counting = bool(self.per_ip_limit or self.total_limit)
         self.counters = counters
+        # the counter of the last refusal: a worker that closes a connection it had
+        # already taken in (after a PROXY header) reports it under that reason
+        self.refused = Counter.REJECTED_DENIED
         self.table_full_log = logs.RateLimitedLog(log, TABLE_FULL_LOG_INTERVAL)
 
     def admit(self, host: str) -> int:
         """REJECTED, UNCOUNTED, or a ticket (>= conntrack.COUNTED) for release()."""
         if self.policy is not None and not self.policy.permits(host):
-            self.counters[Counter.REJECTED_DENIED] += 1
-            return REJECTED
+            return self._refuse(Counter.REJECTED_DENIED)
         if not self.counting:
             return UNCOUNTED
         key = client_key(host) if self.per_ip_limit else None
@@ -87,16 +89,19 @@ class AdmissionGate:
         if ticket >= conntrack.COUNTED:
             return ticket
         if ticket == conntrack.REJECT_TOTAL:
-            self.counters[Counter.REJECTED_TOTAL] += 1
-        else:
-            self.counters[Counter.REJECTED_PER_IP] += 1
-            if ticket == conntrack.REJECT_TABLE_FULL:
-                self.table_full_log.log(
-                    logging.WARNING,
-                    "max_connections_per_ip: too many distinct clients "
-                    "connected at once (table of %d); refusing new clients until some leave",
-                    conntrack.ENTRIES,
-                )
+            return self._refuse(Counter.REJECTED_TOTAL)
+        if ticket == conntrack.REJECT_TABLE_FULL:
+            self.table_full_log.log(
+                logging.WARNING,
+                "max_connections_per_ip: too many distinct clients "
+                "connected at once (table of %d); refusing new clients until some leave",
+                conntrack.ENTRIES,
+            )
+        return self._refuse(Counter.REJECTED_PER_IP)
+
+    def _refuse(self, reason: Counter) -> int:
+        self.counters[reason] += 1
+        self.refused = reason
         return REJECTED
 
     def release(self, ticket: int) -> None:
@@ -105,8 +110,13 @@ class AdmissionGate:
 
 def reject(client: socket.socket) -> None:
     """Close at once with an RST: no TIME_WAIT left on our side, nothing read."""
+    reset_on_close(client)
+    client.close()
+
+
+def reset_on_close(client: socket.socket) -> None:
+    """Make the socket's close an RST (SO_LINGER 0), as a refusal at accept is."""
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     except OSError:
         pass
-    client.close()

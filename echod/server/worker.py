@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname, rundir
-from echod.cidr import AddressPolicy
+from echod.cidr import AddressPolicy, NetworkSet
 from echod.config import Config
 from echod.limits.admission import (
     REJECTED,
@@ -32,6 +32,7 @@ from echod.limits.admission import (
     SharedLimits,
     address_policy,
     reject,
+    reset_on_close,
     tcp_limits_configured,
 )
 from echod.scoreboard import (
@@ -42,8 +43,10 @@ from echod.scoreboard import (
     State,
     WorkerSlot,
 )
+from echod.server.access import format_peer
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
 from echod.server.listeners import Listener
+from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.signals import SignalQueue
 from echod.server.timeouts import TimeoutWheel
 from echod.server.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
@@ -528,19 +531,7 @@ class Worker:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno != errno.EINTR:
-                    self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
-                if exc.errno in FD_EXHAUSTED:
-                    self._out_of_descriptors(exc, now)
-                elif exc.errno not in ACCEPT_TRANSIENT:
-                    self.counters[Counter.ERRORS] += 1
-                    self.error_log.log(
-                        logging.WARNING,
-                        "accept on %s failed: %s",
-                        listener.bound,
-                        exc.strerror,
-                        key=f"accept {listener.bound} {exc.errno}",
-                    )
+                self._accept_failed(listener, exc, now)
                 return
             client = socket.socket(family, kind, proto, fd)
             ticket = None
@@ -568,6 +559,21 @@ class Worker:
                 # connection would wait for the next arrival to wake a worker with room.
                 self._pause_at_capacity()
                 return
+
+    def _accept_failed(self, listener: Listener, exc: OSError, now: float) -> None:
+        if exc.errno != errno.EINTR:
+            self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
+        if exc.errno in FD_EXHAUSTED:
+            self._out_of_descriptors(exc, now)
+        elif exc.errno not in ACCEPT_TRANSIENT:
+            self.counters[Counter.ERRORS] += 1
+            self.error_log.log(
+                logging.WARNING,
+                "accept on %s failed: %s",
+                listener.bound,
+                exc.strerror,
+                key=f"accept {listener.bound} {exc.errno}",
+            )
 
     def _sweep_listeners(self, now: float) -> None:
         # EPOLLEXCLUSIVE hands a connection's wakeup to one waiter. A peer that took
@@ -769,6 +775,204 @@ class _ReportingWorker(Worker):
         super()._close(conn, reason)
 
 
+# What an awaiting connection's ``pending`` holds until its PROXY header is complete:
+# truthy, so the inlined hot path hands its events to _on_backlogged (which the
+# proxy-aware worker intercepts), and immutable, so nothing can append to it.
+AWAITING_HEADER = b"PROXY header"
+
+
+class ProxiedConnection(Connection):
+    """A connection from a ``proxy_protocol_from`` source: no byte is echoed and
+    no admission rule applied until its PROXY header is complete."""
+
+    __slots__ = ("header",)
+
+    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
+        super().__init__(sock, peer, now)
+        self.pending = AWAITING_HEADER  # type: ignore[assignment]  # see AWAITING_HEADER
+        self.header = ProxyHeaderParser()
+
+
+class _ProxyWorker(Worker):
+    """A worker with ``proxy_protocol_from`` set: connections from those sources on
+    its TCP listeners begin in the awaiting-header state (see echod.server.proxy).
+
+    A subclass chosen once at start, like _ReportingWorker: without the list the
+    plain Worker runs, and neither its accept path nor its echo path look for it.
+    Here the untrusted connections cost one set lookup at accept; their echo path
+    is the plain one.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        slot: WorkerSlot,
+        identity: WorkerIdentity,
+        master_alive_fd: int,
+        limits: SharedLimits,
+    ) -> None:
+        super().__init__(config, listeners, slot, identity, master_alive_fd, limits)
+        self.trusted = NetworkSet(config.proxy_protocol_from)
+        self.header_timeout = config.proxy_header_timeout
+        self.header_wheel: TimeoutWheel[Connection] = TimeoutWheel.for_timeout(self.header_timeout)
+
+    def _accept(self, listener: Listener, now: float, budget: int = ACCEPT_BATCH) -> None:
+        # Worker._accept with one branch more: keep the two in step.
+        family, kind, proto = listener.shape
+        if family == AF_UNIX:  # no PROXY header on unix sockets: nobody to trust there
+            super()._accept(listener, now, budget)
+            return
+        accept_fd = listener.sock._accept
+        connections = self.connections
+        limit = self.config.max_connections
+        gate = self.admission
+        trusted = self.trusted
+        for _ in range(budget):
+            if len(connections) >= limit:
+                self._pause_at_capacity()
+                return
+            try:
+                fd, peer = accept_fd()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._accept_failed(listener, exc, now)
+                return
+            client = socket.socket(family, kind, proto, fd)
+            client.setblocking(False)
+            if peer[0] in trusted:
+                # admission waits for the header: the balancer's address is not the client
+                conn: Connection = ProxiedConnection(client, peer, now)
+                connections[conn.fd] = conn
+                self.epoll.register(conn.fd, EPOLLIN)
+                self.header_wheel.add(conn.fd, conn, now + self.header_timeout)
+                self.next_housekeeping = min(self.next_housekeeping, now + self.header_timeout)
+            else:
+                ticket = None
+                if gate is not None:
+                    ticket = gate.admit(peer[0])
+                    if ticket == REJECTED:
+                        reject(client)
+                        continue
+                conn = Connection(client, peer, now)
+                conn.ticket = ticket
+                connections[conn.fd] = conn
+                self.epoll.register(conn.fd, EPOLLIN)
+                if self.idle_wheel is not None:
+                    self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
+            if self.lifetime_wheel is not None:
+                self.lifetime_wheel.add(conn.fd, conn, now + self.max_lifetime)
+            self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
+            self.accepted += 1
+            if self.accepted == self.recycle_after:
+                self._request_recycling("recycling after %d connections", self.accepted)
+            if len(connections) >= limit:
+                self._pause_at_capacity()  # as in Worker._accept
+                return
+
+    def _on_backlogged(self, conn: Connection, mask: int, now: float) -> None:
+        if conn.pending is AWAITING_HEADER:
+            self._read_header(conn, now)  # type: ignore[arg-type]  # only ProxiedConnection
+        else:
+            Worker._on_backlogged(self, conn, mask, now)
+
+    def _read_header(self, conn: ProxiedConnection, now: float) -> None:
+        try:
+            received = conn.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn, Counter.PROXY_CLOSED_EARLY)  # reset before the header was complete
+            return
+        if not received:
+            self._close(conn, Counter.PROXY_CLOSED_EARLY)
+            return
+        result = conn.header.feed(self.view[:received])
+        if isinstance(result, Done):
+            self._header_done(conn, result, received, now)
+        elif isinstance(result, Malformed):
+            self.error_log.log(
+                logging.WARNING,
+                "closing connection from %s: bad PROXY protocol header (%s)",
+                format_peer(conn.peer),
+                result.reason,
+                key="proxy header malformed",
+            )
+            self._close(conn, Counter.PROXY_MALFORMED)
+
+    def _header_done(
+        self, conn: ProxiedConnection, result: Done, received: int, now: float
+    ) -> None:
+        """The header is consumed: its client is the peer from now on, admission is
+        decided for it, and what followed the header is echoed like any data."""
+        self.header_wheel.discard(conn.fd)
+        if result.client is None:
+            self.counters[Counter.PROXY_LOCAL] += 1  # the real peer stays
+        else:
+            self.counters[Counter.PROXY_PROXIED] += 1
+            conn.peer = result.client
+        gate = self.admission
+        if gate is not None:
+            ticket = gate.admit(conn.peer[0])  # type: ignore[index]  # an IP (host, port)
+            if ticket == REJECTED:
+                # refused as at accept (an RST), counted once: the gate counted it already
+                reason = gate.refused
+                self.counters[reason] -= 1
+                reset_on_close(conn.sock)
+                self._close(conn, reason)
+                return
+            conn.ticket = ticket
+        conn.pending = bytearray()
+        conn.last_active = now
+        if self.idle_wheel is not None:
+            self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
+        start = result.data_start
+        if start >= received:
+            return
+        view = self.view
+        try:
+            sent = conn.send(view[start:received])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn, Counter.CLOSED_RESET)
+            return
+        size = received - start
+        self.bytes_in += size
+        self.bytes_out += sent
+        conn.bytes_in += size
+        conn.bytes_out += sent
+        if sent < size:
+            self._keep_unsent(conn, view[start + sent : received])
+
+    def _housekeeping(self, now: float) -> None:
+        if self.header_wheel:
+            self._expire_headers(now)
+        super()._housekeeping(now)
+        due = self.header_wheel.next_deadline()
+        if due is not None and due < self.next_housekeeping:
+            self.next_housekeeping = due
+
+    def _expire_headers(self, now: float) -> None:
+        for conn in self.header_wheel.pop_due(now):
+            # an entry outlives a connection closed while awaiting: skip those
+            if self.connections.get(conn.fd) is conn and conn.pending is AWAITING_HEADER:
+                self.error_log.log(
+                    logging.WARNING,
+                    "closing connection from %s: no complete PROXY protocol header "
+                    "within proxy_header_timeout (%gs)",
+                    format_peer(conn.peer),
+                    self.header_timeout,
+                    key="proxy header timeout",
+                )
+                self._close(conn, Counter.PROXY_TIMEOUT)
+
+
+class _ReportingProxyWorker(_ReportingWorker, _ProxyWorker):
+    """Both: an access log and ``proxy_protocol_from``."""
+
+
 def _shutdown_gently(sock: socket.socket) -> None:
     """FIN instead of RST: shut our side, drop a bounded amount of unread input."""
     try:
@@ -824,11 +1028,17 @@ def start_worker(
     logs.set_role(f"worker {identity.worker_id}")
     procname.set_title(f"worker {identity.worker_id} (generation {identity.generation})")
     procname.die_with_parent()
-    # decided once: without a hook, the plain Worker runs and its close path pays nothing
+    # decided once: without a hook, the plain Worker runs and its close path pays
+    # nothing; without proxy_protocol_from (or a TCP listener), its accept path neither
+    proxied = bool(config.proxy_protocol_from) and any(
+        not listener.is_datagram and listener.sock.family != socket.AF_UNIX
+        for listener in listeners
+    )
+    worker: Worker
     if on_close is None:
-        worker = Worker(config, listeners, slot, identity, master_alive_fd, limits)
+        plain = _ProxyWorker if proxied else Worker
+        worker = plain(config, listeners, slot, identity, master_alive_fd, limits)
     else:
-        worker = _ReportingWorker(
-            config, listeners, slot, identity, master_alive_fd, limits, on_close
-        )
+        reporting = _ReportingProxyWorker if proxied else _ReportingWorker
+        worker = reporting(config, listeners, slot, identity, master_alive_fd, limits, on_close)
     worker.run()

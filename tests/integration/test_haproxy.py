@@ -127,6 +127,9 @@ def two_behind_haproxy(tmp_path: Path) -> Iterator[tuple[HAProxy, list[Backend]]
             f'metrics_bind = "127.0.0.1:{backend.health_port}"\n'
             f"shutdown_delay = {SHUTDOWN_DELAY}\n"
             "graceful_timeout = 10\n"
+            'proxy_protocol_from = ["127.0.0.1/32"]\n'  # where HAProxy connects from
+            'deny = ["127.0.0.2/32"]\n'  # a client, seen only through the PROXY header
+            f'access_log = "{tmp_path}/access{number}.log"\n'
         )
         backends.append(backend)
     haproxy: HAProxy | None = None
@@ -152,8 +155,40 @@ def under_load(haproxy: HAProxy, change: Callable[[], None]) -> tuple[int, int, 
         before = load.report.attempted
         load.wait_for_progress(before + 50)  # traffic flows after the change too
     report = load.report
-    print(f"through haproxy: attempted={report.attempted} failed={report.failed}")
+    print(f"through haproxy: attempted={report.attempted} failed={report.failed} {report.errors[:3]}")
     return report.attempted, report.failed, report.errors
+
+
+def echo_through(haproxy: HAProxy, source: str, payload: bytes) -> tuple[int, bytes]:
+    """(client port, what came back) for one connection from `source` via HAProxy."""
+    with socket.socket() as sock:
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", haproxy.port))
+        sock.sendall(payload)
+        received = b""
+        try:
+            while len(received) < len(payload) and (chunk := sock.recv(65536)):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return sock.getsockname()[1], received
+
+
+def test_the_client_address_reaches_echod_and_its_deny_list(two_behind_haproxy, tmp_path) -> None:
+    haproxy, _ = two_behind_haproxy
+    port, echoed = echo_through(haproxy, "127.0.0.1", b"who am I")
+    assert echoed == b"who am I"  # the PROXY header was consumed, not echoed
+    logs = [tmp_path / "access1.log", tmp_path / "access2.log"]
+    wait_until(
+        lambda: any(f"peer=127.0.0.1:{port} " in p.read_text() for p in logs if p.exists()),
+        10,
+        message=f"the client's own port {port} in an access log",
+    )
+    # 127.0.0.2 is denied by echod; HAProxy (127.0.0.1) is not, and still connects
+    _, echoed = echo_through(haproxy, "127.0.0.2", b"let me in")
+    assert echoed == b""
+    assert echo_through(haproxy, "127.0.0.1", b"still fine")[1] == b"still fine"
 
 
 def test_rolling_restart_fails_no_connection(two_behind_haproxy) -> None:

@@ -147,9 +147,3 @@ def test_udp_receive_buffer_is_0_or_a_sane_size(size: int) -> None:
 def test_a_bad_udp_receive_buffer_in_the_environment_names_the_key(text: str) -> None:
     with pytest.raises(ConfigError, match="environment: udp_receive_buffer must be an integer"):
         load_config(None, {}, {"ECHOD_UDP_RECEIVE_BUFFER": text})
-
-
-def test_proxy_protocol_from_is_refused_until_supported() -> None:
-    assert load_config(environ={}).proxy_protocol_from == ()
-    with pytest.raises(ConfigError, match="proxy_protocol_from: PROXY protocol is not supported"):
-        load_config(environ={"ECHOD_PROXY_PROTOCOL_FROM": "127.0.0.1/32"})
