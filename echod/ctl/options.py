@@ -118,13 +118,6 @@ def non_negative_float(text: str) -> float:
     return number
 
 
-def percentage(text: str) -> float:
-    number = _parse_float(text.removesuffix("%"))
-    if not 0 <= number <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage 0-100, not {text!r}")
-    return number
-
-
 _SIZE_SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
 

@@ -109,7 +109,10 @@ def test_silent_server_is_critical_within_the_timeout() -> None:
         ["-H", "127.0.0.1"],
         ["-p", "7007"],
         ["-H", "127.0.0.1", "-p", "7007", "-w", "fast"],
-        ["-H", "127.0.0.1", "-p", "7007", "--loss-crit", "120"],
+        ["-H", "127.0.0.1", "-p", "7007", "--loss-crit", "60:20"],
+        ["-H", "127.0.0.1", "-p", "7007", "-c", "10:abc"],
+        ["-H", "127.0.0.1", "-p", "7007", "-w", "@"],
+        ["-H", "127.0.0.1", "-p", "7007", "-w", "1e999"],
         ["-H", "127.0.0.1", "-p", "7007", "-w", "100", "-c", "50"],
         ["-H", "127.0.0.1", "-p", "7007", "--no-such-option"],
     ],
@@ -118,3 +121,53 @@ def test_usage_errors_are_unknown(arguments: list[str]) -> None:
     code, line = check(*arguments)
     assert code == 3
     assert line.startswith("ECHO UNKNOWN - ")
+
+
+def test_perfdata_numbers_are_plain_decimals(server: EchoServer) -> None:
+    # Python's own spelling of these is 1e-05 and 1e+06; the guidelines allow [-0-9.].
+    code, line = check("-H", "127.0.0.1", "-p", server.tcp_port, "-w", "0.00001", "-c", "1e6")
+    assert code == 1
+    perfdata = line.split(" | ", 1)[1]
+    assert re.fullmatch(r"rtt=\d+\.\d{3}ms;0\.00001;1000000;0 loss=0%;20;60", perfdata), line
+    assert "(rtt > 0.00001 ms)" in line
+
+
+@pytest.mark.parametrize(
+    ("warning", "critical", "expected_code", "reason"),
+    [
+        ("~:100000", "100000", 0, None),  # above 100 s: never on loopback
+        ("100000:", "~:100000", 1, "(rtt outside 100000: ms)"),  # below 100 s: always
+        ("@0:100000", "100000", 1, "(rtt inside 0:100000 ms)"),
+        ("100000", "@0:100000", 2, "(rtt inside 0:100000 ms)"),
+        ("100000:200000", "200000", 1, "(rtt outside 100000:200000 ms)"),
+    ],
+)
+def test_threshold_ranges_in_the_guidelines_syntax(
+    server: EchoServer, warning: str, critical: str, expected_code: int, reason: str | None
+) -> None:
+    code, line = check("-H", "127.0.0.1", "-p", server.tcp_port, "-w", warning, "-c", critical)
+    assert code == expected_code, line
+    if reason is not None:
+        assert reason in line
+    # The thresholds come back in range syntax, as given.
+    assert f"ms;{warning};{critical};0 loss=0%;20;60" in line
+
+
+def test_loss_ranges() -> None:
+    with EchoServer(Misbehaviour(udp_drop_every=2)) as server:
+        code, line = check(
+            "-H", "127.0.0.1", "-p", server.udp_port, "--udp", "-n", 4, "-t", 2,
+            "--loss-warn", "@40:60", "--loss-crit", "~:90",
+        )  # fmt: skip
+    assert code == 1
+    assert "loss 50% inside 40:60%" in line
+    assert line.endswith(" loss=50%;@40:60;~:90")
+
+
+def test_help_says_the_units() -> None:
+    result = run_echoctl("check", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "in milliseconds" in text and "check_tcp's -w/-c are in seconds" in text
+    assert "-t is in seconds" in text
+    assert "@10:20 inside 10..20" in text
