@@ -155,7 +155,8 @@ def under_load(haproxy: HAProxy, change: Callable[[], None]) -> tuple[int, int, 
         before = load.report.attempted
         load.wait_for_progress(before + 50)  # traffic flows after the change too
     report = load.report
-    print(f"through haproxy: attempted={report.attempted} failed={report.failed} {report.errors[:3]}")
+    errors = report.errors[:3]
+    print(f"through haproxy: attempted={report.attempted} failed={report.failed} {errors}")
     return report.attempted, report.failed, report.errors
 
 
