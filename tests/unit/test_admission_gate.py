@@ -61,3 +61,23 @@ def test_a_full_table_is_logged_once_per_interval(warnings: list[str]) -> None:
     assert counters[Counter.REJECTED_PER_IP] == 5
     assert len(warnings) == 1
     assert warnings[0].startswith("max_connections_per_ip: too many distinct clients")
+
+
+def test_the_gate_names_the_counter_of_its_last_refusal() -> None:
+    # a worker that refuses a connection after its PROXY header reports it under this
+    config = load_config(
+        cli_overrides={"deny": ["192.0.2.0/24"], "max_connections_per_ip": 1}, environ={}
+    )
+    counters = [0] * NUM_COUNTERS
+    gate = AdmissionGate(
+        config,
+        FullTable(),
+        0,
+        counters,  # type: ignore[arg-type]
+        address_policy(config),
+    )
+    assert gate.admit("192.0.2.7") == REJECTED
+    assert gate.refused == Counter.REJECTED_DENIED
+    assert gate.admit("198.51.100.1") == REJECTED  # the table is full
+    assert gate.refused == Counter.REJECTED_PER_IP
+    assert counters[Counter.REJECTED_DENIED] == counters[Counter.REJECTED_PER_IP] == 1
