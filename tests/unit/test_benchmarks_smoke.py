@@ -158,3 +158,27 @@ def test_command_templates() -> None:
     bare = run.parse_args(["--echod-args", "", "--no-uvloop"])
     assert not run.echod_template(bare).endswith("warning")
     assert "uvloop-proto-w1" not in dict(run.server_specs(bare, 1))
+
+
+def test_proxy_cost_runs_all_three_cases_against_the_real_echod() -> None:
+    """A tiny run: proves each case's connections (a trusted one with its v2 header)
+    are echoed byte for byte, not the figure (too few connections for one)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "proxy_cost.py"),
+            "--connections",
+            "40",
+            "--threads",
+            "2",
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for case in ("off", "untrusted", "trusted"):
+        assert f"{case:9} 40 connections, 0 failed" in out.stdout
