@@ -321,7 +321,7 @@ class Master:
             if self.upgrade.owns(pid):
                 self.upgrade.preflight_exited(
                     status,
-                    stopping=self.phase is MasterPhase.STOPPING,
+                    stopping=self._leaving(),
                     handoff=self._handoff,
                     before_exec=self._before_exec,
                     blocker=self._upgrade_blocker,
@@ -597,6 +597,7 @@ class Master:
 
     # -- stopping ------------------------------------------------------------------
     def stop(self, graceful: bool) -> None:
+        self.upgrade.abandon(self.children.kill)  # an exec now would lose the stop
         stopping = self.phase is MasterPhase.STOPPING
         if stopping and graceful:
             return

@@ -223,6 +223,7 @@ class Upgrade:
     on_reloading: Callable[[], None]
     on_ready: Callable[[], None]
     preflight: Preflight | None = None
+    abandoned: bool = False  # stopping killed the pre-flight: its exit changes nothing
 
     @property
     def in_progress(self) -> bool:
@@ -244,6 +245,16 @@ class Upgrade:
         except OSError as exc:
             log.error("upgrade aborted: cannot run the pre-flight check: %s", exc.strerror)
             self._failed()
+
+    def abandon(self, kill: Callable[[int, signal.Signals], None]) -> None:
+        """Any stop (TERM, with or without shutdown_delay, INT, QUIT): a pre-flight
+        that passed later would exec a fresh image and lose the stop, so kill it."""
+        if self.preflight is None or self.abandoned:
+            return
+        self.abandoned = True
+        kill(self.preflight.pid, signal.SIGKILL)
+        log.warning("upgrade abandoned: echod is stopping")
+        self.scoreboard.count_event(MasterCounter.UPGRADES_FAILED)
 
     def watch(self, now: float, kill: Callable[[int, signal.Signals], None]) -> None:
         if self.preflight is None:
@@ -267,6 +278,9 @@ class Upgrade:
         preflight, self.preflight = self.preflight, None
         assert preflight is not None
         preflight.finish(status)
+        if self.abandoned:
+            self.abandoned = False
+            return  # logged and counted when it was killed; never exec now
         if not preflight.succeeded or stopping:
             log.error(
                 "upgrade aborted, everything keeps running as it was: the pre-flight check %s: %s",

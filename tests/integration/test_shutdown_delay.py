@@ -3,12 +3,16 @@ but keeps accepting and serving for the delay, then stops gracefully; INT skips 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from support.echod import EchodProcess, echo_roundtrip, wait_until
 
@@ -64,3 +68,28 @@ def test_int_during_the_delay_stops_at_once(start_echod) -> None:
     wait_until(lambda: master_status(server) is MasterStatus.SHUTTING_DOWN, 10)
     server.send_signal(signal.SIGINT)
     assert server.wait(30) == 0  # far less than the 120 s delay
+
+
+def test_term_abandons_a_running_upgrade_and_exits_after_the_delay(
+    start_echod, tmp_path: Path
+) -> None:
+    # A pre-flight slow enough to be running when TERM arrives: without the fix it
+    # would pass during the delay and re-execute the master, losing the TERM.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys, time\nif '--check-config' in sys.argv:\n    time.sleep(3)\n"
+    )
+    config = {"shutdown_delay": DELAY}
+    server = start_echod(workers=1, config=config, env={"PYTHONPATH": str(site)})
+    server.send_signal(signal.SIGUSR2)
+    server.wait_for_log("upgrade requested")
+    termed = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    server.wait_for_log("upgrade abandoned: echod is stopping")
+    assert server.wait(DELAY + 30) == 0
+    assert time.monotonic() - termed >= DELAY - 0.5
+    assert "upgraded in place" not in server.output
+    assert "re-executing in place" not in server.output
+    with pytest.raises(ProcessLookupError):  # the same pid was not re-used by a new master
+        os.kill(server.pid, 0)
