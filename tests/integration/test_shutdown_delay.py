@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from support.echod import EchodProcess, echo_roundtrip, wait_until
 
 from echod.scoreboard import MasterStatus, Scoreboard, scoreboard_path
