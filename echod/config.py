@@ -19,6 +19,7 @@ from typing import Any
 from echod.addresses import Address, Transport, parse_address
 from echod.cidr import networks_problem
 from echod.errors import ConfigError
+from echod.scoreboard import MAX_SHUTDOWN_DELAY
 
 CONFIG_ENV = "ECHOD_CONFIG"
 ENV_PREFIX = "ECHOD_"
@@ -40,6 +41,12 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 or greater"
+
+
+def _delay_bound(value: float) -> str | None:
+    if 0 <= value <= MAX_SHUTDOWN_DELAY:
+        return None
+    return f"must be between 0 and {MAX_SHUTDOWN_DELAY}"
 
 
 def _between(low: int, high: int) -> Callable[[int], str | None]:
@@ -144,7 +151,9 @@ class Config:
     # behind a load balancer (see README, "Running behind a load balancer")
     proxy_protocol_from: tuple[str, ...] = _key(list, networks_problem, default=())
     proxy_header_timeout: float = _key(float, _positive, default=3.0)
-    shutdown_delay: float = _key(float, _non_negative, default=0.0)
+    # capped: an hour is beyond any balancer's health-check interval, and the
+    # scoreboard publishes the delay's end in 16 bits of seconds (see scoreboard.py)
+    shutdown_delay: float = _key(float, _delay_bound, default=0.0)
 
     @property
     def addresses(self) -> list[Address]:

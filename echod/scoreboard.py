@@ -14,6 +14,7 @@ update old, which is fine for supervision and statistics.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import stat
@@ -26,6 +27,7 @@ from typing import NamedTuple
 from echod import rundir
 
 MAGIC = b"ECHODSB2"
+MAX_SHUTDOWN_DELAY = 3600  # seconds; config.py enforces it, the header relies on it
 MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
 NUM_COUNTERS = 32
 
@@ -140,8 +142,15 @@ _ROSTER = struct.Struct("<I")
 _ROSTER_OFFSET = 368
 # The master's status and heartbeat (whole seconds of CLOCK_MONOTONIC, which is
 # system-wide, so a reader compares it with its own time.monotonic()).
-_MASTER_STATUS = struct.Struct("<B3x")
+_MASTER_STATUS = struct.Struct("<B")
 _MASTER_STATUS_OFFSET = 372
+# SHUTTING_DOWN: when shutdown_delay ends, in whole seconds of CLOCK_MONOTONIC
+# (rounded up) modulo 65535, plus 1 (enough as the delay is capped at an hour). It
+# lives in what were the status's pad bytes: an older image wrote zeros there,
+# which read as "not published", and reads nothing, so old and new images share
+# a scoreboard.
+_SHUTDOWN_ENDS = struct.Struct("<H")
+_SHUTDOWN_ENDS_OFFSET = 374
 _MASTER_HEARTBEAT = struct.Struct("<I")
 _MASTER_HEARTBEAT_OFFSET = 324
 HEADER_SIZE = 512
@@ -160,7 +169,8 @@ _PEER_LOAD = struct.Struct("<i5xB10xdI")
 assert _HEADER.size <= _MASTER_HEARTBEAT_OFFSET
 assert _MASTER_HEARTBEAT_OFFSET + _MASTER_HEARTBEAT.size <= _RETIRED_DROPS_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _MASTER_STATUS_OFFSET
-assert _MASTER_STATUS_OFFSET + _MASTER_STATUS.size <= _FOLD_SEQUENCE_OFFSET
+assert _MASTER_STATUS_OFFSET + _MASTER_STATUS.size <= _SHUTDOWN_ENDS_OFFSET
+assert _SHUTDOWN_ENDS_OFFSET + _SHUTDOWN_ENDS.size <= _FOLD_SEQUENCE_OFFSET
 assert _RETIRED_DROPS_OFFSET + _RETIRED_DROPS.size <= _ROSTER_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
 assert _PEER_LOAD.size == _ACTIVE_OFFSET + 4
@@ -210,6 +220,16 @@ class MasterView:
     udp_drops: DropPairs = ()
     status: MasterStatus = MasterStatus.STARTING
     heartbeat: int = 0  # whole seconds of time.monotonic(), 0 = never beat
+    shutdown_ends: int = 0  # SHUTTING_DOWN only: see shutdown_delay_left()
+
+    def shutdown_delay_left(self, now: float) -> float:
+        """Seconds of shutdown_delay still to run; `now` from time.monotonic()."""
+        if self.status is not MasterStatus.SHUTTING_DOWN:
+            return 0.0
+        if self.shutdown_ends == 0:
+            return 0.0  # an older image: not published
+        left = (self.shutdown_ends - 1 - int(now)) % 65535
+        return float(left) if left <= MAX_SHUTDOWN_DELAY + 1 else 0.0  # else: passed
 
 
 class Snapshot(NamedTuple):
@@ -345,10 +365,15 @@ class Scoreboard:
                 _MASTER_STATUS.unpack_from(self.buffer, _MASTER_STATUS_OFFSET)[0]
             ),
             heartbeat=_MASTER_HEARTBEAT.unpack_from(self.buffer, _MASTER_HEARTBEAT_OFFSET)[0],
+            shutdown_ends=_SHUTDOWN_ENDS.unpack_from(self.buffer, _SHUTDOWN_ENDS_OFFSET)[0],
         )
 
     def set_master_status(self, status: MasterStatus) -> None:
         _MASTER_STATUS.pack_into(self.buffer, _MASTER_STATUS_OFFSET, status)
+
+    def set_shutdown_ends(self, ends: float) -> None:
+        """`ends` from time.monotonic(): published before the SHUTTING_DOWN status."""
+        _SHUTDOWN_ENDS.pack_into(self.buffer, _SHUTDOWN_ENDS_OFFSET, math.ceil(ends) % 65535 + 1)
 
     def master_heartbeat(self, now: float) -> None:
         """`now` from time.monotonic(); the master beats on every pass of its loop."""

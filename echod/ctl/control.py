@@ -187,12 +187,33 @@ def run_reload(args: argparse.Namespace) -> int:
 def run_stop(args: argparse.Namespace) -> int:
     master = find_master(args)
     _signal(master, signal.SIGQUIT if args.fast else signal.SIGTERM)
-    try:
-        _wait(lambda: not master.alive(), args.timeout)
-    except Timeout:
+    if not _wait_for_stop(master, args.timeout):
         return _fail(f"echod (pid {master.pid}) is still stopping after {args.timeout:g}s")
     print(f"stopped echod (pid {master.pid})")
     return exitcodes.OK
+
+
+def _wait_for_stop(master: RunningMaster, timeout: float) -> bool:
+    """True once the master is gone. shutdown_delay does not count against
+    `timeout`: while the master shuts down (serving, not ready) the wait runs
+    until the delay's end, as the master published it, plus `timeout`."""
+    deadline = time.monotonic() + timeout
+    extended = False
+    while master.alive():
+        now = time.monotonic()
+        if not extended:
+            left = master.scoreboard.master().shutdown_delay_left(now)
+            if left > 0:
+                extended = True
+                deadline = max(deadline, now + left + timeout)
+                print(
+                    f"echoctl: waiting for the shutdown delay ({left:.0f}s) before stopping",
+                    file=sys.stderr,
+                )
+        if now >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+    return True
 
 
 def run_scale(args: argparse.Namespace) -> int:

@@ -633,6 +633,7 @@ class Master:
             return False
         self._move(MasterPhase.SHUTTING_DOWN)
         self.shutdown_ends = time.monotonic() + delay
+        self.scoreboard.set_shutdown_ends(self.shutdown_ends)  # echoctl stop waits for it
         self.scoreboard.set_master_status(MasterStatus.SHUTTING_DOWN)
         log.info("shutting down: not ready, still serving for %g s (shutdown_delay)", delay)
         self.hooks.on_shutting_down(self)

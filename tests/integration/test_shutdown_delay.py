@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.echod import EchodProcess, echo_roundtrip, wait_until
+from support.echod import EchodProcess, echo_roundtrip, run_echoctl, wait_until
 
 from echod.scoreboard import MasterStatus, Scoreboard, scoreboard_path
 
@@ -92,3 +92,16 @@ def test_term_abandons_a_running_upgrade_and_exits_after_the_delay(
     assert "re-executing in place" not in server.output
     with pytest.raises(ProcessLookupError):  # the same pid was not re-used by a new master
         os.kill(server.pid, 0)
+
+
+def test_echoctl_stop_does_not_count_the_delay_against_its_timeout(
+    start_echod, runtime_dir: Path
+) -> None:
+    server = start_echod(workers=1, config={"shutdown_delay": 12})
+    started = time.monotonic()
+    result = run_echoctl("stop", "--timeout", "8", "--runtime-dir", str(runtime_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "waiting for the shutdown delay" in result.stderr
+    assert result.stderr.count("\n") == 1  # one line, not one per poll
+    assert time.monotonic() - started >= 11  # it did wait for the delay
+    assert server.proc.poll() == 0
