@@ -147,3 +147,14 @@ def test_udp_receive_buffer_is_0_or_a_sane_size(size: int) -> None:
 def test_a_bad_udp_receive_buffer_in_the_environment_names_the_key(text: str) -> None:
     with pytest.raises(ConfigError, match="environment: udp_receive_buffer must be an integer"):
         load_config(None, {}, {"ECHOD_UDP_RECEIVE_BUFFER": text})
+
+
+@pytest.mark.parametrize("delay", [3600.5, 86400, -1])
+def test_shutdown_delay_is_capped_at_an_hour(delay: float) -> None:
+    with pytest.raises(ConfigError, match=r"shutdown_delay.*must be between 0 and 3600") as caught:
+        load_config(None, {"shutdown_delay": delay}, {})
+    assert caught.value.exit_code == 78
+
+
+def test_shutdown_delay_of_an_hour_is_accepted() -> None:
+    assert load_config(None, {"shutdown_delay": 3600}, {}).shutdown_delay == 3600
