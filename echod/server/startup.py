@@ -172,6 +172,7 @@ class SystemdHooks:
     next_watchdog: float = 0.0
     next_status: float = 0.0
     status: str = ""  # the last STATUS= sent, so an unchanged line is not sent again
+    stopping_sent: bool = False  # STOPPING=1 is final: no READY=1, no second STOPPING=1
 
     def __post_init__(self) -> None:
         self.watchdog_interval = self.notifier.watchdog_interval()
@@ -180,21 +181,31 @@ class SystemdHooks:
         return Hooks(
             on_ready=self.on_ready,
             on_reloading=lambda master: self.notifier.reloading(),
-            on_stopping=lambda master: self.notifier.stopping(),
+            on_stopping=self.on_stopping,
             on_shutting_down=self.on_shutting_down,
             on_tick=self.on_tick,
         )
 
     def on_ready(self, master: Master) -> None:
-        self.notifier.ready(_status_line(master))
+        # A TERM during start-up (shutdown_delay keeps the workers booting): READY=1
+        # after STOPPING=1 would tell systemd the unit is back up.
+        if not self.stopping_sent:
+            self.notifier.ready(_status_line(master))
         if self.reporter is not None:
             self.reporter.ready()
 
     def on_shutting_down(self, master: Master) -> None:
-        """At once, not at the next tick: an operator watching systemctl status sees why
-        the instance is still up after TERM."""
+        """STOPPING=1 at TERM, not at the delay's end: it arms TimeoutStopSec, which
+        must cover shutdown_delay + graceful_timeout. The STATUS line goes with it at
+        once, so systemctl status shows why the instance is still up."""
         self.status = _status_line(master)
-        self.notifier.status(self.status)
+        self.stopping_sent = True
+        self.notifier.stopping(self.status)
+
+    def on_stopping(self, master: Master) -> None:
+        if not self.stopping_sent:  # no delay, or INT/QUIT: STOPPING=1 now
+            self.stopping_sent = True
+            self.notifier.stopping()
 
     def on_tick(self, master: Master) -> None:
         now = time.monotonic()

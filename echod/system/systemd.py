@@ -114,8 +114,10 @@ class Notifier:
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify(RELOADING=1, MONOTONIC_USEC=now_usec)
 
-    def stopping(self) -> bool:
-        return self.notify(STOPPING=1)
+    def stopping(self, status: str | None = None) -> bool:
+        if status is None:
+            return self.notify(STOPPING=1)
+        return self.notify(STOPPING=1, STATUS=_one_line(status))
 
     def status(self, text: str) -> bool:
         return self.notify(STATUS=_one_line(text))

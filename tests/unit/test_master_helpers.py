@@ -109,3 +109,37 @@ def test_systemd_hears_the_watchdog_only_while_workers_serve(
     SENT.clear()
     master._supervise(0.0)  # within the interval, and the status line unchanged: quiet
     assert SENT == []
+
+
+def test_term_sends_stopping_at_once_and_never_ready_after_it(
+    tmp_path: Path, board: Scoreboard
+) -> None:
+    notifier = RecordingNotifier(address="@echod-test")
+    SENT.clear()
+    systemd = SystemdHooks(notifier, reporter=None)
+    config = Config(workers=1, runtime_dir=str(tmp_path), shutdown_delay=30)
+    master = fake_master(config, board, systemd.hooks())
+    now = time.monotonic()
+    master._supervise(now)  # still booting when TERM arrives
+    SENT.clear()
+    master.stop(graceful=True)
+    # STOPPING=1 arms TimeoutStopSec: at TERM, with the reason in the same message
+    assert len(SENT) == 1 and SENT[0]["STOPPING"] == 1
+    assert SENT[0]["STATUS"].startswith("shutting down: not ready, still serving for 30 s")
+    started(master, now)  # the worker becomes ready during the delay
+    master._supervise(now + 31)  # the delay ends: the graceful stop begins
+    kinds = [key for message in SENT for key in message]
+    assert "READY" not in kinds
+    assert kinds.count("STOPPING") == 1
+
+
+def test_term_without_a_delay_sends_stopping_once(tmp_path: Path, board: Scoreboard) -> None:
+    notifier = RecordingNotifier(address="@echod-test")
+    SENT.clear()
+    systemd = SystemdHooks(notifier, reporter=None)
+    master = fake_master(Config(workers=1, runtime_dir=str(tmp_path)), board, systemd.hooks())
+    started(master)
+    SENT.clear()
+    master.stop(graceful=True)
+    master.stop(graceful=False)  # INT after TERM
+    assert [key for message in SENT for key in message] == ["STOPPING"]
