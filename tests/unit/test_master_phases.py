@@ -24,6 +24,7 @@ from echod.addresses import parse_address
 from echod.config import MAX_WORKERS, Config
 from echod.scoreboard import MasterCounter, MasterStatus, Scoreboard, State
 from echod.server import master as master_module
+from echod.server import upgrade as upgrade_module
 from echod.server.children import (
     Inheritance,
     RestartBackoff,
@@ -39,7 +40,7 @@ from echod.server.phases import (
     WorkerProcess,
     check_master_move,
 )
-from echod.server.upgrade import AdoptedWorker, Handoff
+from echod.server.upgrade import AdoptedWorker, Handoff, Preflight
 
 BOOT_FATAL = exitcodes.WORKER_BOOT_FATAL << 8  # wait statuses, as waitpid reports them
 CRASHED = 1 << 8
@@ -424,6 +425,45 @@ def test_int_during_the_shutdown_delay_stops_fast_at_once(make_master, heard) ->
     master._handle_signal(signal.SIGINT)
     assert master.phase is MasterPhase.STOPPING
     assert [w.phase for w in workers] == [WorkerPhase.QUITTING] * 2
+
+
+def test_ttin_and_ttou_still_scale_during_the_shutdown_delay(make_master, heard) -> None:
+    master = make_master(workers=2, shutdown_delay=30.0)
+    started(master)
+    master._handle_signal(signal.SIGTERM)
+    master._handle_signal(signal.SIGTTIN)
+    assert master.desired == 3
+    master._handle_signal(signal.SIGTTOU)
+    master._handle_signal(signal.SIGTTOU)
+    assert master.desired == 1 and master.phase is MasterPhase.SHUTTING_DOWN
+
+
+@pytest.mark.parametrize(
+    ("shutdown_delay", "signum"),
+    [(30.0, signal.SIGTERM), (0.0, signal.SIGTERM), (30.0, signal.SIGINT), (0.0, signal.SIGQUIT)],
+)
+def test_any_stop_kills_a_running_preflight_and_never_execs(
+    make_master, monkeypatch, caplog, shutdown_delay: float, signum: signal.Signals
+) -> None:
+    def no_exec(*args: object) -> None:
+        raise AssertionError("exec during a stop")
+
+    monkeypatch.setattr(upgrade_module, "exec_new_image", no_exec)
+    master = make_master(workers=1, shutdown_delay=shutdown_delay)
+    started(master)
+    read_fd, write_fd = os.pipe()
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    master.upgrade.preflight = Preflight(pid=4242, output_fd=read_fd, started=time.monotonic())
+    with caplog.at_level(logging.WARNING, logger="echod.master"):
+        master._handle_signal(signum)
+    assert 4242 in fake(master).sent(signal.SIGKILL)
+    assert "upgrade abandoned: echod is stopping" in caplog.text
+    assert master.scoreboard.master().events[MasterCounter.UPGRADES_FAILED] == 1
+    fake(master).exits.append((4242, 0))  # even a pre-flight that passed changes nothing
+    master._reap()
+    assert not master.upgrade.in_progress
+    assert master.scoreboard.master().events[MasterCounter.UPGRADES_FAILED] == 1
 
 
 def test_without_a_shutdown_delay_term_stops_at_once(make_master, heard) -> None:
