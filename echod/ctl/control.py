@@ -81,7 +81,7 @@ def add_parsers(subparsers: Any) -> list[Command]:
     )
     stop = verb(
         "stop",
-        "stop echod: graceful (TERM) or --fast (QUIT)",
+        "stop echod: graceful (TERM) or --fast (QUIT); --timeout starts after any shutdown_delay",
         run_stop,
         "  echoctl stop\n  echoctl stop --fast\n",
         timeout=120.0,
