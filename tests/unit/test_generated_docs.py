@@ -11,6 +11,7 @@ from support.paths import REPO
 
 from echod import cli
 from echod.config import KEYS
+from echod.ctl import main as ctl_main
 
 DATA = REPO / "echod" / "data"
 
@@ -59,3 +60,15 @@ def test_a_key_gets_its_own_comment_block() -> None:
     assert docs["backlog"].description == "listen(2) backlog for TCP and unix listeners."
     # keys listed together share one block
     assert docs["user"].description == docs["group"].description != ""
+
+
+def test_every_echoctl_command_is_in_its_man_page_and_completion() -> None:
+    page = (DATA / "man" / "echoctl.1").read_text()
+    completion = (DATA / "completion" / "echoctl.bash").read_text()
+    parser = ctl_main.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = list(subparsers.choices)
+    assert {"send", "check", "bench", "status", "stop"} <= set(commands)
+    for command in commands:
+        assert "'echoctl " + command.replace("-", "\\-") + "'" in page, command
+        assert command in completion, command

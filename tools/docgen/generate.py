@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -135,23 +137,36 @@ def config_manpage(example: str) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _fixed_width() -> Iterator[None]:
+    """argparse wraps help at the terminal's width (COLUMNS): fix it so the output
+    never depends on where `make generated` ran; restore it for the caller."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+
+
 def render_all(root: Path) -> dict[str, str]:
     """Every generated file's relative path and text."""
-    # argparse wraps help at the terminal's width: fix it so the output never
-    # depends on where `make generated` ran (read when a parser formats).
-    os.environ["COLUMNS"] = "80"
     echod_parser = cli.build_parser()
     ctl_parser = ctl_main.build_parser()
     example = (root / "etc" / "echod.toml").read_text()
-    return {
-        "man/echod.8": _manpage(echod_parser, 8, "System Administration"),
-        "man/echoctl.1": _manpage(ctl_parser, 1, "User Commands"),
-        "man/echod.toml.5": config_manpage(example),
-        "completion/echod.bash": shtab.complete(echod_parser, shell="bash"),
-        "completion/echoctl.bash": shtab.complete(ctl_parser, shell="bash"),
-        "completion/_echod": shtab.complete(echod_parser, shell="zsh"),
-        "completion/_echoctl": shtab.complete(ctl_parser, shell="zsh"),
-    }
+    with _fixed_width():
+        return {
+            "man/echod.8": _manpage(echod_parser, 8, "System Administration"),
+            "man/echoctl.1": _manpage(ctl_parser, 1, "User Commands"),
+            "man/echod.toml.5": config_manpage(example),
+            "completion/echod.bash": shtab.complete(echod_parser, shell="bash"),
+            "completion/echoctl.bash": shtab.complete(ctl_parser, shell="bash"),
+            "completion/_echod": shtab.complete(echod_parser, shell="zsh"),
+            "completion/_echoctl": shtab.complete(ctl_parser, shell="zsh"),
+        }
 
 
 def write_all(out: Path, root: Path) -> list[Path]:
