@@ -43,6 +43,10 @@ def _manpage(parser: argparse.ArgumentParser, section: int, title: str) -> str:
             "description": parser.description,
         },
     )
+    if parser.epilog and parser.formatter_class is argparse.RawDescriptionHelpFormatter:
+        # a hand-laid-out epilog (examples in columns): keep its lines, do not fill
+        text = page.format_text(parser.epilog)
+        page.parser._manpage.append({"heading": "comments", "content": f".nf\n{text}\n.fi"})
     return str(page)
 
 
