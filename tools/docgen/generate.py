@@ -43,6 +43,12 @@ def _manpage(parser: argparse.ArgumentParser, section: int, title: str) -> str:
             "description": parser.description,
         },
     )
+    if parser.usage:
+        # a hand-written short usage ("... (echod --help for all)") suits the
+        # terminal; the man page's SYNOPSIS lists every option as argparse would
+        formatter = parser._get_formatter()
+        formatter.add_usage(None, parser._actions, parser._mutually_exclusive_groups, "")
+        page.synopsis = formatter.format_help().split()
     if parser.epilog and parser.formatter_class is argparse.RawDescriptionHelpFormatter:
         # a hand-laid-out epilog (examples in columns): keep its lines, do not fill
         text = page.format_text(parser.epilog)
