@@ -49,6 +49,9 @@ def _manpage(parser: argparse.ArgumentParser, section: int, title: str) -> str:
         formatter = parser._get_formatter()
         formatter.add_usage(None, parser._actions, parser._mutually_exclusive_groups, "")
         page.synopsis = formatter.format_help().split()
+    # argparse-manpage writes the SYNOPSIS words raw: a bare "-" is a typographic
+    # hyphen in roff, so "--pidfile" would not copy-paste; \- is the ASCII minus
+    page.synopsis = page.synopsis[:1] + [word.replace("-", "\\-") for word in page.synopsis[1:]]
     if parser.epilog and parser.formatter_class is argparse.RawDescriptionHelpFormatter:
         # a hand-laid-out epilog (examples in columns): keep its lines, do not fill
         text = page.format_text(parser.epilog)
