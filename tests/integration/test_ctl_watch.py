@@ -106,7 +106,8 @@ def test_watch_exits_3_when_the_master_goes_and_143_on_sigterm(
             assert stderr.decode().count("\n") == 1 and "no longer running" in stderr.decode()
 
 
-def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["q", "C-c"])
+def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, key: str) -> None:
     tmux = shutil.which("tmux")
     if tmux is None:
         pytest.fail("tmux is not installed (.ci/run installs it)")
@@ -115,7 +116,8 @@ def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, tmp_path: Path)
     base = [tmux, "-L", socket_name, "-f", os.devnull]
     watch = shlex.join([*ECHOCTL, "status", "--runtime-dir", str(runtime_dir), "--watch", "0.3"])
     script = (
-        "echo BEFORE-WATCH; saved=$(stty -g); "
+        # A trap with a command (not '') survives Ctrl-C without passing SIG_IGN on.
+        "trap : INT; echo BEFORE-WATCH; saved=$(stty -g); "
         f"{watch}; rc=$?; "
         '[ "$(stty -g)" = "$saved" ] && echo TTY-RESTORED; '
         'echo "WATCH-EXIT=$rc"; sleep 60'
@@ -151,7 +153,7 @@ def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, tmp_path: Path)
             return any(m.group(4) not in ("-", "0.0") for m in ROW.finditer(pane()))
 
         wait_until(busy, 20, interval=0.05, message="a nonzero conn/s")
-        subprocess.run([*base, "send-keys", "-t", "watch", "q"], check=True, timeout=10)
+        subprocess.run([*base, "send-keys", "-t", "watch", key], check=True, timeout=10)
         screen = wait_until(
             lambda: text if "WATCH-EXIT=" in (text := pane()) else None, 20, message="exit"
         )
