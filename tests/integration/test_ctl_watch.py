@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from support.echod import ECHOCTL, child_env, echo_roundtrip, run_echoctl, wait_until
 
@@ -106,8 +107,8 @@ def test_watch_exits_3_when_the_master_goes_and_143_on_sigterm(
             assert stderr.decode().count("\n") == 1 and "no longer running" in stderr.decode()
 
 
-@pytest.mark.parametrize("key", ["q", "C-c"])
-def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, key: str) -> None:
+@pytest.mark.parametrize(("key", "expected"), [("q", 0), ("C-c", 0), ("SIGTERM", 143)])
+def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, key: str, expected: int) -> None:
     tmux = shutil.which("tmux")
     if tmux is None:
         pytest.fail("tmux is not installed (.ci/run installs it)")
@@ -153,11 +154,22 @@ def test_live_view_in_a_terminal(start_echod, runtime_dir: Path, key: str) -> No
             return any(m.group(4) not in ("-", "0.0") for m in ROW.finditer(pane()))
 
         wait_until(busy, 20, interval=0.05, message="a nonzero conn/s")
-        subprocess.run([*base, "send-keys", "-t", "watch", key], check=True, timeout=10)
+        if key == "SIGTERM":
+            shell = subprocess.run(
+                [*base, "list-panes", "-t", "watch", "-F", "#{pane_pid}"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            )
+            (watcher,) = psutil.Process(int(shell.stdout)).children()
+            watcher.send_signal(signal.SIGTERM)
+        else:
+            subprocess.run([*base, "send-keys", "-t", "watch", key], check=True, timeout=10)
         screen = wait_until(
             lambda: text if "WATCH-EXIT=" in (text := pane()) else None, 20, message="exit"
         )
-        assert "WATCH-EXIT=0" in screen, screen
+        assert f"WATCH-EXIT={expected}" in screen, screen
         assert "TTY-RESTORED" in screen, screen
         # Back on the normal screen: what was there before, none of the view.
         assert "BEFORE-WATCH" in screen and "WORKER" not in screen, screen
