@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean soak
+.PHONY: run test lint format venv clean soak generated
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,14 +30,19 @@ soak: venv
 # All run even when one fails, so one run shows every problem; lint fails if any did.
 lint: venv
 	@status=0; \
-	$(BIN)/ruff check echod tests benchmarks || status=1; \
-	$(BIN)/ruff format --check echod tests benchmarks || status=1; \
+	$(BIN)/ruff check echod tests benchmarks tools || status=1; \
+	$(BIN)/ruff format --check echod tests benchmarks tools || status=1; \
 	$(BIN)/lint-imports --no-logo || status=1; \
 	$(BIN)/vulture || status=1; \
 	exit $$status
 
+# Man pages and shell completions under echod/data, generated from the argparse
+# parsers and the Config dataclass (tools/docgen); a unit test fails when they drift.
+generated: venv
+	PYTHONPATH=tools $(BIN)/python -m docgen
+
 format: venv
-	$(BIN)/ruff format echod tests benchmarks
+	$(BIN)/ruff format echod tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -93,9 +93,9 @@ def build_parser() -> ArgumentParser:
     add("--pidfile", metavar="PATH", help="pidfile (default: RUNTIME_DIR/echod.pid)")
     add("--user", metavar="USER", help="drop privileges to USER after binding (root only)")
     add("--group", metavar="GROUP", help="drop privileges to GROUP after binding (root only)")
-    add("--log-level", choices=LOG_LEVELS)
-    add("--log-file", metavar="PATH")
-    add("--log-format", choices=LOG_FORMATS)
+    add("--log-level", choices=LOG_LEVELS, help="least severe level logged (default: info)")
+    add("--log-file", metavar="PATH", help="log file (default: stderr in the foreground)")
+    add("--log-format", choices=LOG_FORMATS, help="text (logfmt-like) or json (default: text)")
     add("--access-log", metavar="PATH", help='one line per finished connection ("-" = stderr)')
     add(
         "-t",

@@ -14,15 +14,20 @@ from typing import Any
 
 import psutil
 
+from echod.ctl import watch
+from echod.ctl.options import positive_float, positive_int
 from echod.ctl.target import find_master
 from echod.scoreboard import Counter, SlotView, State
 
 CPU_SAMPLE_SECONDS = 0.2
+WATCH_DEFAULT_S, WATCH_MIN_S, WATCH_MAX_S = 2.0, 0.1, 3600.0
 
 EXAMPLES = """examples:
   echoctl status
   echoctl status --json | jq '.workers[].connections'
   echoctl --runtime-dir /run/echod status
+  echoctl status --watch                      live rates, redrawn every 2 s
+  echoctl status --watch 1 --count 5 --json   five JSON lines, one a second
 """
 
 
@@ -65,11 +70,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", action="store_true", help="one JSON document")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON document (with --watch: one line a frame)"
+    )
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=WATCH_DEFAULT_S,
+        default=None,
+        type=watch_interval,
+        metavar="S",
+        help=f"live per-worker rates, redrawn every S seconds (default {WATCH_DEFAULT_S:g};"
+        f" {WATCH_MIN_S:g}..{WATCH_MAX_S:g}); q or Ctrl-C quits",
+    )
+    parser.add_argument(
+        "--count",
+        type=positive_int,
+        metavar="N",
+        help="with --watch: stop after N frames",
+    )
     return parser
 
 
+def watch_interval(text: str) -> float:
+    seconds = positive_float(text)
+    if not WATCH_MIN_S <= seconds <= WATCH_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"must be {WATCH_MIN_S:g} to {WATCH_MAX_S:g} seconds, not {text!r}"
+        )
+    return seconds
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.count is not None and args.watch is None:
+        args.command_parser.error("--count needs --watch")
+    if args.watch is not None:
+        return watch.run(args)
     master = find_master(args)
     snapshot = master.scoreboard.snapshot()  # one read between folds: totals never go back
     view = snapshot.master

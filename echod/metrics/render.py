@@ -1,5 +1,6 @@
 """What ``GET /metrics`` says: every number comes from the scoreboard (and psutil for
-CPU and memory), rendered in the Prometheus text exposition format 0.0.4.
+CPU and memory), rendered by prometheus_client: the text format 0.0.4, or OpenMetrics when the
+scraper asks for it.
 
 Totals are the retired-worker totals in the scoreboard header (folded in by the
 master when it reaps a worker) plus the live slots, read between folds, so a
@@ -8,14 +9,17 @@ total never goes backwards when a worker dies or is replaced.
 
 from __future__ import annotations
 
-import math
+import gzip
 import platform
 import resource
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psutil
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from echod.scoreboard import (
     CLOSE_REASONS,
@@ -76,37 +80,74 @@ class MetricFamily:
         self.samples.append((labels, value))
         return self
 
-    def render(self) -> str:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+    def to_prometheus(self) -> Metric:
+        family: Metric = (
+            CounterMetricFamily(self.name, self.help)
+            if self.kind == "counter"
+            else GaugeMetricFamily(self.name, self.help)
+        )
         for labels, value in self.samples:
-            if labels:
-                text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-                lines.append(f"{self.name}{{{text}}} {_number(value)}")
-            else:
-                lines.append(f"{self.name} {_number(value)}")
-        return "\n".join(lines) + "\n"
+            # Counter samples carry the _total name; no _created (it would double the
+            # series, and echod_master_start_time_seconds already says when).
+            family.add_sample(
+                family.name + ("_total" if self.kind == "counter" else ""), labels, value
+            )
+        return family
 
 
-def render(families: Iterable[MetricFamily]) -> str:
-    return "".join(family.render() for family in families)
+class ScoreboardCollector:
+    """A prometheus_client collector over one scoreboard: each scrape is one read.
+
+    Registered in a private registry, so none of the library's default collectors
+    (its process_* would describe the metrics child, not the master) get in.
+    """
+
+    def __init__(self, board: Scoreboard, sampler: ProcessSampler, max_fds: int | None) -> None:
+        self.board = board
+        self.sampler = sampler
+        self.max_fds = max_fds
+
+    def describe(self) -> list[Metric]:
+        return []  # don't let register() run a whole scrape just to learn the names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in collect(self.board, self.sampler, self.max_fds):
+            yield family.to_prometheus()
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+@dataclass(frozen=True)
+class Exposition:
+    body: bytes
+    content_type: str
+    gzipped: bool
 
 
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def registry_for(collector: ScoreboardCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def expose(registry: CollectorRegistry, accept: str, accept_encoding: str) -> Exposition:
+    """The scrape's body in the format the scraper's Accept asks for (OpenMetrics or
+    text 0.0.4), gzipped when its Accept-Encoding allows."""
+    encoder, content_type = choose_encoder(accept)
+    if content_type.startswith("text/plain"):
+        # Newer clients offer text/plain;version=1.0.0, whose escaping older
+        # scrapers and promtool don't read: always serve the classic 0.0.4.
+        encoder, content_type = generate_latest, CONTENT_TYPE
+    body = encoder(registry)
+    if _accepts_gzip(accept_encoding):
+        return Exposition(gzip.compress(body, compresslevel=6), content_type, True)
+    return Exposition(body, content_type, False)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
 
 
 @dataclass

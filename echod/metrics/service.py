@@ -89,8 +89,9 @@ class MetricsServer:
         self.epoll = select.epoll()
         self.clients: dict[int, HttpClient] = {}
         self.accepting = False
-        self.sampler = render.ProcessSampler()
-        self.max_fds = render.descriptor_limit()
+        self.registry = render.registry_for(
+            render.ScoreboardCollector(board, render.ProcessSampler(), render.descriptor_limit())
+        )
 
     def run(self) -> None:
         if os.getppid() != self.master_pid:
@@ -182,8 +183,21 @@ class MetricsServer:
             status, text = health.readyz(self.board.snapshot(), self.master_pid)
             self._respond(client, status, text.encode(), head_only=head_only)
         else:
-            body = render.render(render.collect(self.board, self.sampler, self.max_fds)).encode()
-            self._respond(client, 200, body, content_type=render.CONTENT_TYPE, head_only=head_only)
+            headers = _header_fields(head)
+            scrape = render.expose(
+                self.registry, headers.get("accept", ""), headers.get("accept-encoding", "")
+            )
+            extra = "Vary: Accept, Accept-Encoding\r\n"
+            if scrape.gzipped:
+                extra += "Content-Encoding: gzip\r\n"
+            self._respond(
+                client,
+                200,
+                scrape.body,
+                content_type=scrape.content_type,
+                extra=extra,
+                head_only=head_only,
+            )
 
     def _respond(
         self,
@@ -255,3 +269,14 @@ def _origin_path(target: bytes) -> bytes:
         slash = rest.find(b"/")
         target = rest[slash:] if slash >= 0 else b"/"
     return target.split(b"?", 1)[0]
+
+
+def _header_fields(head: bytes) -> dict[str, str]:
+    """Header fields by lower-cased name (the last one wins); undecodable bytes are
+    replaced, since only Accept and Accept-Encoding are read and both are ASCII."""
+    fields: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            fields[name.strip().lower()] = value.strip()
+    return fields

@@ -581,3 +581,67 @@ def test_promtool_accepts_the_exposition(start_echod) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _get(address: str, headers: dict[str, str]) -> tuple[dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://{address}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+        return {k.lower(): v for k, v in response.headers.items()}, response.read()
+
+
+def test_format_follows_the_scrapers_accept_and_gzip_when_asked(start_echod) -> None:
+    import gzip
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    address = _endpoint(start_echod(config=CONFIG))
+    # Prometheus 2.x asks for OpenMetrics first: it gets it, # EOF and all
+    headers, body = _get(
+        address,
+        {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"},
+    )
+    assert headers["content-type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    names = {family.name for family in om_parse(body.decode())}
+    assert {"echod_connections", "echod_build_info", "process_cpu_seconds"} <= names
+    # the classic text format for everyone else, even a newer text/plain version
+    for accept in ("", "text/plain", "text/plain;version=1.0.0", "*/*"):
+        headers, body = _get(address, {"Accept": accept} if accept else {})
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8", accept
+        assert b"# EOF" not in body and b"# TYPE echod_connections_total counter" in body
+        assert "content-encoding" not in headers
+    # gzip only when the scraper allows it; same content either way
+    headers, body = _get(address, {"Accept-Encoding": "gzip"})
+    assert headers["content-encoding"] == "gzip" and "Accept-Encoding" in headers["vary"]
+    assert b"# TYPE echod_connections_total counter" in gzip.decompress(body)
+    headers, _ = _get(address, {"Accept-Encoding": "gzip;q=0, identity"})
+    assert "content-encoding" not in headers
+
+
+def test_no_created_samples_and_no_library_default_collectors(start_echod) -> None:
+    text = _scrape_text(_endpoint(start_echod(config=CONFIG)))
+    assert "_created" not in text  # they would double every counter's series
+    # process_* describe the master, once; no python_gc_* / python_info from the library
+    assert text.count("# TYPE process_cpu_seconds_total counter") == 1
+    assert "python_gc_" not in text and "python_info" not in text
+
+
+def test_a_hundred_parallel_scrapes_all_succeed(start_echod) -> None:
+    address = _endpoint(start_echod(workers=2, config=CONFIG))
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(_scrape_text(address))
+        except BaseException as error:  # collected, asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=one) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    assert len(results) == 100 and all("echod_build_info" in text for text in results)
