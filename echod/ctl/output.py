@@ -30,3 +30,24 @@ def plain_number(value: float) -> str:
     if "." in text:
         text = text.rstrip("0").removesuffix(".")
     return "0" if text in ("-0", "") else text
+
+
+def human_bytes(value: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(value) < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value}"
+
+
+def aligned(rows: list[tuple[str, ...]], left_column: int) -> list[str]:
+    """Rows as lines of columns two spaces apart: numbers right-aligned, the one
+    text column (left_column) left-aligned, trailing blanks trimmed."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.ljust(width) if i == left_column else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]

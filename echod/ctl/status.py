@@ -16,6 +16,7 @@ import psutil
 
 from echod.ctl import watch
 from echod.ctl.options import positive_float, positive_int
+from echod.ctl.output import aligned, human_bytes
 from echod.ctl.target import find_master
 from echod.scoreboard import Counter, SlotView, State
 
@@ -238,14 +239,6 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
-def human_bytes(value: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(value) < 1024 or unit == "T":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value}"
-
-
 def human_duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
@@ -316,11 +309,5 @@ def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str,
         )
         for w in workers
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [
-            cell.ljust(width) if i == 3 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
+    lines += aligned(rows, left_column=3)
     return "\n".join(lines)

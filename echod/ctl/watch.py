@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TextIO
 
 from echod.ctl import rates
+from echod.ctl.output import aligned, human_bytes
 from echod.ctl.target import NOT_RUNNING, RunningMaster, find_master
 
 # The first frame needs two samples for rates; this short gap shows them within
@@ -193,14 +194,7 @@ def _render(master: RunningMaster, interval: float, rows: list[rates.WorkerRate]
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        cells = [
-            cell.ljust(width) if i == 2 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
+    return lines + aligned(table, left_column=2)
 
 
 def _number(value: float | None) -> str:
@@ -208,10 +202,4 @@ def _number(value: float | None) -> str:
 
 
 def _bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024 or unit == "G":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}G"
+    return "-" if value is None else human_bytes(value)
