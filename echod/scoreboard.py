@@ -7,8 +7,10 @@ the runtime dir, it survives the master's in-place re-exec (the new image maps
 the same file its old workers still write to) and outside tools can read it
 without asking the master anything.
 
-Values are written with ``struct.pack_into``; a reader may see a counter one
-update old, which is fine for supervision and statistics.
+Every value is written as one copy of its packed bytes (:func:`_store`), never
+with ``struct.pack_into``, which zeroes its destination before it packs: a
+reader may see a counter one update old, which is fine for supervision and
+statistics, but never a zero that was not written.
 """
 
 from __future__ import annotations
@@ -179,7 +181,24 @@ assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
 assert _SLOT_HEAD.size + _COUNTERS.size + _SLOT_DROPS.size <= SLOT_SIZE
 _SLOT_DROPS_OFFSET = _SLOT_HEAD.size + _COUNTERS.size
 
+_PID = struct.Struct("<i")  # a slot's first field: 0 = free
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+_HEARTBEAT_ACTIVE = struct.Struct("<dI")
+
 DropPairs = tuple[tuple[int, int], ...]  # (socket inode, drops), inode 0 = unused
+
+
+def _store(buffer: mmap.mmap, layout: struct.Struct, offset: int, *values: object) -> None:
+    """Write ``values`` into the shared map as one copy of their packed bytes.
+
+    Not ``layout.pack_into``: CPython's packer zeroes the destination before it
+    fills it in, and a reader in another process that lands in between sees
+    zeros: a total that drops by a whole worker's count and comes back.
+    """
+    buffer[offset : offset + layout.size] = layout.pack(*values)
 
 
 def _pairs(flat: tuple[int, ...]) -> DropPairs:
@@ -337,8 +356,9 @@ class Scoreboard:
         version: str,
         retired: tuple[int, ...],
     ) -> None:
-        _HEADER.pack_into(
+        _store(
             self.buffer,
+            _HEADER,
             0,
             MAGIC,
             master_pid,
@@ -369,20 +389,20 @@ class Scoreboard:
         )
 
     def set_master_status(self, status: MasterStatus) -> None:
-        _MASTER_STATUS.pack_into(self.buffer, _MASTER_STATUS_OFFSET, status)
+        _store(self.buffer, _MASTER_STATUS, _MASTER_STATUS_OFFSET, status)
 
     def set_shutdown_ends(self, ends: float) -> None:
         """`ends` from time.monotonic(): published before the SHUTTING_DOWN status."""
-        _SHUTDOWN_ENDS.pack_into(self.buffer, _SHUTDOWN_ENDS_OFFSET, math.ceil(ends) % 65535 + 1)
+        _store(self.buffer, _SHUTDOWN_ENDS, _SHUTDOWN_ENDS_OFFSET, math.ceil(ends) % 65535 + 1)
 
     def master_heartbeat(self, now: float) -> None:
         """`now` from time.monotonic(); the master beats on every pass of its loop."""
-        _MASTER_HEARTBEAT.pack_into(self.buffer, _MASTER_HEARTBEAT_OFFSET, int(now) & 0xFFFFFFFF)
+        _store(self.buffer, _MASTER_HEARTBEAT, _MASTER_HEARTBEAT_OFFSET, int(now) & 0xFFFFFFFF)
 
     def count_event(self, which: MasterCounter, amount: int = 1) -> None:
         offset = _MASTER_COUNTERS_OFFSET + 8 * which
-        (value,) = struct.unpack_from("<Q", self.buffer, offset)
-        struct.pack_into("<Q", self.buffer, offset, value + amount)
+        (value,) = _U64.unpack_from(self.buffer, offset)
+        _store(self.buffer, _U64, offset, value + amount)
 
     def set_master(self, *, pid: int, generation: int, code_started: float, version: str) -> None:
         view = self.master()
@@ -402,7 +422,7 @@ class Scoreboard:
         (see :meth:`snapshot`): never counted twice, never missing.
         """
         sequence = self._fold_sequence()
-        _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 1)
+        _store(self.buffer, _FOLD_SEQUENCE, _FOLD_SEQUENCE_OFFSET, sequence + 1)
         view = self.master()
         slot = self.slot(index)
         retired = tuple(a + b for a, b in zip(view.retired, slot.counters, strict=True))
@@ -414,16 +434,17 @@ class Scoreboard:
             version=view.version,
             retired=retired,
         )
-        _COUNTERS.pack_into(
-            self.buffer, self._offset(index) + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS)
+        _store(
+            self.buffer, _COUNTERS, self._offset(index) + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS)
         )
         self._fold_udp_drops(view, slot.udp_drops)
-        _SLOT_DROPS.pack_into(
+        _store(
             self.buffer,
+            _SLOT_DROPS,
             self._offset(index) + _SLOT_DROPS_OFFSET,
             *_flat((), UDP_DROP_SOCKETS_PER_SLOT),
         )
-        _FOLD_SEQUENCE.pack_into(self.buffer, _FOLD_SEQUENCE_OFFSET, sequence + 2)
+        _store(self.buffer, _FOLD_SEQUENCE, _FOLD_SEQUENCE_OFFSET, sequence + 2)
 
     def _fold_udp_drops(self, view: MasterView, pairs: DropPairs) -> None:
         """Keep the maximum per socket; when the table is full, a socket that no live
@@ -437,8 +458,9 @@ class Scoreboard:
                 if len(retired) <= UDP_DROP_SOCKETS_RETIRED:
                     break
                 self.count_event(MasterCounter.UDP_DROPS_UNTRACKED, retired.pop(inode))
-        _RETIRED_DROPS.pack_into(
+        _store(
             self.buffer,
+            _RETIRED_DROPS,
             _RETIRED_DROPS_OFFSET,
             *_flat(tuple(retired.items()), UDP_DROP_SOCKETS_RETIRED),
         )
@@ -486,14 +508,15 @@ class Scoreboard:
         """Every slot in use."""
         views = []
         for index in range(MAX_SLOTS):
-            if struct.unpack_from("<i", self.buffer, self._offset(index))[0]:
+            if _PID.unpack_from(self.buffer, self._offset(index))[0]:
                 views.append(self.slot(index))
         return views
 
     def claim(self, index: int, *, pid: int, generation: int, worker_id: int) -> None:
         offset = self._offset(index)
-        _SLOT_HEAD.pack_into(
+        _store(
             self.buffer,
+            _SLOT_HEAD,
             offset,
             pid,
             generation,
@@ -503,14 +526,17 @@ class Scoreboard:
             time.monotonic(),
             0,
         )
-        _COUNTERS.pack_into(self.buffer, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
-        _SLOT_DROPS.pack_into(
-            self.buffer, offset + _SLOT_DROPS_OFFSET, *_flat((), UDP_DROP_SOCKETS_PER_SLOT)
+        _store(self.buffer, _COUNTERS, offset + _SLOT_HEAD.size, *((0,) * NUM_COUNTERS))
+        _store(
+            self.buffer,
+            _SLOT_DROPS,
+            offset + _SLOT_DROPS_OFFSET,
+            *_flat((), UDP_DROP_SOCKETS_PER_SLOT),
         )
         self._bump_roster()
 
     def set_pid(self, index: int, pid: int) -> None:
-        struct.pack_into("<i", self.buffer, self._offset(index), pid)
+        _store(self.buffer, _PID, self._offset(index), pid)
 
     def release(self, index: int) -> None:
         self.buffer[self._offset(index) : self._offset(index) + SLOT_SIZE] = bytes(SLOT_SIZE)
@@ -518,7 +544,7 @@ class Scoreboard:
 
     def _bump_roster(self) -> None:
         (roster,) = _ROSTER.unpack_from(self.buffer, _ROSTER_OFFSET)
-        _ROSTER.pack_into(self.buffer, _ROSTER_OFFSET, (roster + 1) & 0xFFFFFFFF)
+        _store(self.buffer, _ROSTER, _ROSTER_OFFSET, (roster + 1) & 0xFFFFFFFF)
 
 
 class WorkerSlot:
@@ -534,10 +560,10 @@ class WorkerSlot:
 
     def set_active(self, count: int) -> None:
         """Open connections, written on every accept and close: peers balance on it."""
-        struct.pack_into("<I", self.buffer, self.active_offset, count)
+        _store(self.buffer, _U32, self.active_offset, count)
 
     def set_accept_state(self, state: int) -> None:
-        struct.pack_into("<B", self.buffer, self.accept_state_offset, state)
+        _store(self.buffer, _U8, self.accept_state_offset, state)
 
     def roster(self) -> int:
         return int(_ROSTER.unpack_from(self.buffer, _ROSTER_OFFSET)[0])
@@ -556,21 +582,24 @@ class WorkerSlot:
         return _PEER_LOAD.unpack_from(self.buffer, offset)  # type: ignore[return-value]
 
     def heartbeat(self, now: float) -> None:
-        struct.pack_into("<d", self.buffer, self.offset + _HEARTBEAT_OFFSET, now)
+        _store(self.buffer, _F64, self.offset + _HEARTBEAT_OFFSET, now)
 
     def set_state(self, state: State) -> None:
-        struct.pack_into("<B", self.buffer, self.offset + _STATE_OFFSET, state)
+        _store(self.buffer, _U8, self.offset + _STATE_OFFSET, state)
 
     def publish(self, now: float, active: int, counters: list[int]) -> None:
         """Heartbeat, active connections and every counter in one go."""
-        struct.pack_into("<dI", self.buffer, self.offset + _HEARTBEAT_OFFSET, now, active)
-        _COUNTERS.pack_into(self.buffer, self.counters_offset, *counters)
+        _store(self.buffer, _HEARTBEAT_ACTIVE, self.offset + _HEARTBEAT_OFFSET, now, active)
+        _store(self.buffer, _COUNTERS, self.counters_offset, *counters)
 
     def publish_udp_drops(self, pairs: DropPairs) -> None:
         """The latest kernel drop count seen per UDP socket (at most
         UDP_DROP_SOCKETS_PER_SLOT sockets; written only when a count rose)."""
-        _SLOT_DROPS.pack_into(
-            self.buffer, self.offset + _SLOT_DROPS_OFFSET, *_flat(pairs, UDP_DROP_SOCKETS_PER_SLOT)
+        _store(
+            self.buffer,
+            _SLOT_DROPS,
+            self.offset + _SLOT_DROPS_OFFSET,
+            *_flat(pairs, UDP_DROP_SOCKETS_PER_SLOT),
         )
 
 

@@ -14,7 +14,7 @@ moves turn that queue into an even, load-aware spread:
   arrival wakes someone else.
 
 The decision reads the peers' open connections from the scoreboard, where each
-worker writes its own count on every accept and close (one ``pack_into``). The
+worker writes its own count on every accept and close (one 4-byte store). The
 last worker that listens never stands aside (checked under a lock on the
 scoreboard file, waited for briefly) without first waking a peer that holds less,
 and a peer whose heartbeat is late counts as neither listening nor least loaded.
