@@ -9,3 +9,10 @@ _.format  # logging.Formatter.format overrides (echod/logs.py): logging calls th
 exc_type  # __exit__(exc_type, exc, traceback) must take all three (echod/pidfile.py)
 traceback
 frame  # a signal handler is called as handler(signum, frame) (echod/server/signals.py)
+# http.server, socketserver and io call these hooks and read these attributes
+# (echod/metrics/service.py)
+_.do_HEAD, _.do_PUT, _.do_DELETE, _.do_PATCH, _.do_OPTIONS, _.do_TRACE, _.do_CONNECT
+_.version_string, _.log_message, _.handle_error, _.readinto
+_.protocol_version, _.default_request_version, _.error_content_type, _.error_message_format
+_.requestline, _.request_version, _.close_connection
+_.daemon_threads, _.block_on_close

@@ -1,4 +1,4 @@
-"""The ``/metrics`` endpoint: the HTTP loop of a small child process.
+"""The ``/metrics`` endpoint: the HTTP server of a small child process.
 
 Why a process and not the master's loop: rendering reads psutil for every worker
 and a scraper may be slow or hostile; none of that may delay the master's
@@ -8,22 +8,32 @@ the scoreboard mapping it inherited. It never outlives the master (master-alive
 pipe, PR_SET_PDEATHSIG as a backstop). It runs only while ``metrics_bind`` is
 set (``max_worker_memory`` is each worker's own check: ``echod.server.worker``).
 
-HTTP is the minimum a scraper needs: ``GET``/``HEAD /metrics`` on HTTP/1.0 or
-1.1, one request per connection (``Connection: close``), requests of at most
-8 KiB that must arrive within 5 s, a bounded number of clients at once.
+HTTP is the standard library's ``http.server``: its request-line and header
+parsing, status lines and error answers. What it leaves to us is what a
+hostile client could abuse, so that is here: a bounded number of clients (a
+slot is taken before ``accept()``, the rest wait in the kernel's backlog), one
+deadline for the whole request head however slowly it trickles in, one byte
+budget for it however the bytes are split, one request per connection, and a
+lingering close so that our answer is never lost to a reset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import select
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from socketserver import BaseServer, ThreadingMixIn
+from urllib.parse import urlsplit
 
 from echod import logs, procname
 from echod.metrics import health, render
@@ -33,19 +43,13 @@ log = logging.getLogger("echod.metrics")
 
 BACKLOG = 64
 MAX_CLIENTS = 32  # more wait in the kernel's backlog
-MAX_REQUEST = 8192  # bytes of request line + headers
-CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
-LINGER = 1.0  # seconds to wait for the client's FIN after our answer (no RST on close)
+MAX_REQUEST = 8192  # bytes of request head: request line, headers, the empty line
+CLIENT_TIMEOUT = 5.0  # seconds for a client to send its request head
+LINGER = 1.0  # seconds to take an answer, and to wait for the client's FIN after it
+SLOT_WAIT = 1.0  # seconds between looks at the master while every client slot is taken
+ACCEPT_PAUSE = 0.5  # seconds to back off after accept() fails (EMFILE and friends)
+PATHS = ("/metrics", "/healthz", "/readyz")
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
 
 
 def run_metrics_process(
@@ -63,220 +67,271 @@ def run_metrics_process(
     logs.set_role("metrics")
     procname.set_title(f"metrics (http://{bound}/metrics)")
     procname.die_with_parent()
-    MetricsServer(sock, board, master_alive_fd, master_pid).run()
+    MetricsHTTPServer(sock, board, master_alive_fd, master_pid).serve_until_master_exits()
 
 
-# -- the metrics process ------------------------------------------------------------------
+# -- reading a request head ----------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class HttpClient:
-    sock: socket.socket
-    deadline: float
-    request: bytearray = field(default_factory=bytearray)
-    response: memoryview | None = None
-    lingering: bool = False  # answer sent and our side shut: waiting for the client's FIN
+class RequestTimeout(Exception):
+    """The request head did not arrive within CLIENT_TIMEOUT."""
 
 
-class MetricsServer:
-    def __init__(
-        self, sock: socket.socket, board: Scoreboard, master_alive_fd: int, master_pid: int
-    ) -> None:
+class HeadTooLarge(Exception):
+    """The request head is over MAX_REQUEST bytes."""
+
+
+class DeadlineSocketReader(io.RawIOBase):
+    """A socket's bytes, with one deadline for all of them.
+
+    A socket timeout alone bounds each recv(): a client sending a byte every few
+    seconds would hold its slot for ever. Each read here may wait only for the
+    time the request has left.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
         self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            raise RequestTimeout from None
+
+
+class BudgetedLines:
+    """The lines of a request head, MAX_REQUEST bytes of them in all: the budget is
+    on the head, wherever the recv() boundaries fall (12 KiB in one write and 10 KiB
+    in 1000-byte pieces are both too large). The only reads http.server makes of
+    a request are ``readline(limit)``."""
+
+    def __init__(self, stream: io.BufferedReader, budget: int) -> None:
+        self.stream = stream
+        self.left = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        allowed = self.left + 1 if limit < 0 else min(limit, self.left + 1)
+        line = self.stream.readline(allowed)
+        self.left -= len(line)
+        if self.left < 0:
+            raise HeadTooLarge
+        return line
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+# -- answering one request -----------------------------------------------------------------
+
+
+class MetricsRequestHandler(BaseHTTPRequestHandler):
+    """GET/HEAD of /metrics, /healthz and /readyz; one request per connection."""
+
+    server: MetricsHTTPServer
+    protocol_version = "HTTP/1.1"  # in our status lines; we still close after each answer
+    default_request_version = "HTTP/1.1"  # not 0.9, which answers without a status line
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s: %(explain)s\n"
+
+    def setup(self) -> None:
+        super().setup()
+        self.deadline = time.monotonic() + CLIENT_TIMEOUT
+        self.rfile.close()  # the library's plain reader: ours has the deadline and the budget
+        raw = DeadlineSocketReader(self.connection, self.deadline)
+        self.rfile = BudgetedLines(io.BufferedReader(raw), MAX_REQUEST)  # type: ignore[assignment]
+        # An answer may be due before a request line has been parsed (408, 431).
+        self.command, self.requestline = None, ""  # type: ignore[assignment]
+        self.request_version = self.default_request_version
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except RequestTimeout:
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT)
+        except HeadTooLarge:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        self.close_connection = True
+
+    def parse_request(self) -> bool:
+        # Every answer gets a status line: a request line without an HTTP version
+        # (HTTP/0.9) or a blank one is a bad request, not a request for a bare body.
+        if len(self.raw_requestline.split()) != 3:
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+            self.send_error(HTTPStatus.BAD_REQUEST, "Bad request line")
+            return False
+        return super().parse_request()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The status line keeps the standard reason phrase, never the client's
+        # bytes that http.server puts in its messages; the detail goes in the body.
+        super().send_error(code, None, explain or message)
+
+    def flush_headers(self) -> None:
+        # Answering: whatever time the request has left, and at least LINGER.
+        self.connection.settimeout(max(self.deadline - time.monotonic(), LINGER))
+        super().flush_headers()
+
+    def do_GET(self) -> None:
+        path = self._path()
+        if path == "/metrics":
+            scrape = self.server.expose(
+                self.headers.get("Accept", ""), self.headers.get("Accept-Encoding", "")
+            )
+            headers = {"Vary": "Accept, Accept-Encoding"}
+            if scrape.gzipped:
+                headers["Content-Encoding"] = "gzip"
+            self._answer(HTTPStatus.OK, scrape.body, scrape.content_type, headers)
+        elif path == "/healthz":
+            self._answer(*self.server.healthz())
+        elif path == "/readyz":
+            self._answer(*self.server.readyz())
+        elif path is None:
+            self.send_error(HTTPStatus.BAD_REQUEST, "Bad request target")
+        else:
+            self._answer(HTTPStatus.NOT_FOUND, "not found: try /metrics\n")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        if self._path() in PATHS:
+            self._answer(
+                HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD\n", headers={"Allow": "GET, HEAD"}
+            )
+        else:
+            self._answer(HTTPStatus.NOT_FOUND, "not found: try /metrics\n")
+
+    # The other methods RFC 9110 defines are known but not allowed; any other is
+    # answered 501 by http.server.
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_POST
+
+    def _path(self) -> str | None:
+        """The path of an origin-form or absolute-form target (RFC 9112 section 3.2.2:
+        a server must accept ``http://host:port/metrics`` as well as ``/metrics``)."""
+        try:
+            return urlsplit(self.path).path
+        except ValueError:
+            return None
+
+    def _answer(
+        self,
+        status: int,
+        body: bytes | str,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        content = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(content)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(content)
+
+    def version_string(self) -> str:
+        return "echod"
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics: %s %s", self.address_string(), format % args)
+
+
+# -- the server: client slots, accept, lingering close -------------------------------------
+
+
+class MetricsHTTPServer(ThreadingMixIn, BaseServer):
+    """http.server's handler on the socket the master bound, a thread per client."""
+
+    daemon_threads = True  # a stuck client never holds up our exit
+    block_on_close = False
+
+    def __init__(
+        self, listener: socket.socket, board: Scoreboard, master_alive_fd: int, master_pid: int
+    ) -> None:
+        super().__init__(listener.getsockname(), MetricsRequestHandler)
+        self.listener = listener
+        self.listener.setblocking(False)
         self.board = board
         self.master_alive_fd = master_alive_fd
         self.master_pid = master_pid
-        self.epoll = select.epoll()
-        self.clients: dict[int, HttpClient] = {}
-        self.accepting = False
+        self.client_slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.registry = render.registry_for(
             render.ScoreboardCollector(board, render.ProcessSampler(), render.descriptor_limit())
         )
+        self.render_lock = threading.Lock()  # the sampler keeps psutil objects between scrapes
 
-    def run(self) -> None:
+    def serve_until_master_exits(self) -> None:
+        """Take a client slot, wait for a client or the master's end, hand the client
+        to a thread (which gives the slot back when it is done); loop."""
         if os.getppid() != self.master_pid:
             return  # the master died while we started
-        self.epoll.register(self.master_alive_fd, select.EPOLLIN)
-        self._accepting(True)
-        listening = self.sock.fileno()
         while True:
-            timeout = min((c.deadline for c in self.clients.values()), default=None)
-            wait = 1.0 if timeout is None else max(0.0, min(1.0, timeout - time.monotonic()))
-            for fd, mask in self.epoll.poll(wait):
-                if fd == self.master_alive_fd:
-                    return  # EOF: the master is gone
-                if fd == listening:
-                    self._accept()
-                elif fd in self.clients:
-                    self._on_event(self.clients[fd], mask)
-            now = time.monotonic()
-            self._expire(now)
-
-    def _accepting(self, on: bool) -> None:
-        if on and not self.accepting:
-            self.epoll.register(self.sock.fileno(), select.EPOLLIN)
-        elif not on and self.accepting:
-            self.epoll.unregister(self.sock.fileno())
-        self.accepting = on
+            if not self.client_slots.acquire(timeout=SLOT_WAIT):
+                if self._master_gone(0):
+                    return
+                continue  # all slots taken: the rest wait in the backlog
+            readable, _, _ = select.select([self.listener, self.master_alive_fd], [], [])
+            if self.master_alive_fd in readable:
+                return  # EOF: the master is gone
+            self._accept()
 
     def _accept(self) -> None:
-        while len(self.clients) < MAX_CLIENTS:
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: pause like the workers do
-                log.warning("metrics: accept failed: %s", exc.strerror)
-                return
-            sock.setblocking(False)
-            client = HttpClient(sock, time.monotonic() + CLIENT_TIMEOUT)
-            self.clients[sock.fileno()] = client
-            self.epoll.register(sock.fileno(), select.EPOLLIN)
-        self._accepting(False)  # full: the rest wait in the backlog
-
-    def _on_event(self, client: HttpClient, mask: int) -> None:
-        if client.response is not None:
-            self._write(client)
+        try:
+            conn, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            self.client_slots.release()  # the client left before we took it
+            return
+        except OSError as exc:  # EMFILE and friends: pause like the workers do
+            self.client_slots.release()
+            log.warning("metrics: accept failed: %s", exc.strerror)
+            self._master_gone(ACCEPT_PAUSE)
             return
         try:
-            data = client.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        if client.lingering:
-            if not data:
-                self._drop(client)
-            return
-        if not data:
-            self._drop(client)  # left before asking anything
-            return
-        client.request += data
-        end = client.request.find(b"\r\n\r\n")
-        if end < 0:
-            end = client.request.find(b"\n\n")
-        # The limit is on the head itself, wherever the recv() boundaries fall:
-        # 12 KiB in one write and 10 KiB in 1000-byte pieces are both too large.
-        if (end >= 0 and end > MAX_REQUEST) or (end < 0 and len(client.request) > MAX_REQUEST):
-            self._respond(client, 431, b"request too large\n")
-        elif end >= 0:
-            self._answer(client, bytes(client.request[:end]))
+            self.process_request(conn, address)
+        except RuntimeError as exc:  # no thread to serve it
+            log.warning("metrics: cannot serve a client: %s", exc)
+            self.shutdown_request(conn)
 
-    def _answer(self, client: HttpClient, head: bytes) -> None:
-        request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            self._respond(client, 400, b"bad request\n")
-            return
-        method, target, _ = parts
-        path = _origin_path(target)
-        head_only = method == b"HEAD"
-        if path not in (b"/metrics", b"/healthz", b"/readyz"):
-            self._respond(client, 404, b"not found: try /metrics\n")
-        elif method not in (b"GET", b"HEAD"):
-            self._respond(client, 405, b"only GET and HEAD\n", extra="Allow: GET, HEAD\r\n")
-        elif path == b"/healthz":
-            status, text = health.healthz(self.board.master(), self.master_pid)
-            self._respond(client, status, text.encode(), head_only=head_only)
-        elif path == b"/readyz":
-            status, text = health.readyz(self.board.snapshot(), self.master_pid)
-            self._respond(client, status, text.encode(), head_only=head_only)
-        else:
-            headers = _header_fields(head)
-            scrape = render.expose(
-                self.registry, headers.get("accept", ""), headers.get("accept-encoding", "")
-            )
-            extra = "Vary: Accept, Accept-Encoding\r\n"
-            if scrape.gzipped:
-                extra += "Content-Encoding: gzip\r\n"
-            self._respond(
-                client,
-                200,
-                scrape.body,
-                content_type=scrape.content_type,
-                extra=extra,
-                head_only=head_only,
-            )
+    def _master_gone(self, wait: float) -> bool:
+        readable, _, _ = select.select([self.master_alive_fd], [], [], wait)
+        return bool(readable)
 
-    def _respond(
-        self,
-        client: HttpClient,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = "text/plain; charset=utf-8",
-        extra: str = "",
-        head_only: bool = False,
-    ) -> None:
-        head = (
-            f"HTTP/1.1 {status} {STATUS_TEXT[status]}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"{extra}Connection: close\r\n\r\n"
-        ).encode()
-        client.response = memoryview(head if head_only else head + body)
-        self.epoll.modify(client.sock.fileno(), select.EPOLLOUT)
-        self._write(client)
+    def expose(self, accept: str, accept_encoding: str) -> render.Exposition:
+        with self.render_lock:
+            return render.expose(self.registry, accept, accept_encoding)
 
-    def _write(self, client: HttpClient) -> None:
-        assert client.response is not None
+    def healthz(self) -> tuple[int, str]:
+        return health.healthz(self.board.master(), self.master_pid)
+
+    def readyz(self) -> tuple[int, str]:
+        return health.readyz(self.board.snapshot(), self.master_pid)
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        """After the answer: shut our side and read until the client's FIN (at most
+        LINGER), so unread request bytes never turn our close into a reset that eats
+        the answer; then give the client slot back."""
         try:
-            sent = client.sock.send(client.response)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        client.response = client.response[sent:]
-        if client.response:
-            return
-        # Done: shut our side and read until the client's FIN, so that unread
-        # request bytes never turn our close into a reset that eats the answer.
-        client.response = None
-        client.lingering = True
-        client.deadline = min(client.deadline, time.monotonic() + LINGER)
-        with contextlib.suppress(OSError):
-            client.sock.shutdown(socket.SHUT_WR)
-        self.epoll.modify(client.sock.fileno(), select.EPOLLIN)
+            with contextlib.suppress(OSError):  # timeouts and resets included
+                request.shutdown(socket.SHUT_WR)
+                until = time.monotonic() + LINGER
+                while (left := until - time.monotonic()) > 0:
+                    request.settimeout(left)
+                    if not request.recv(4096):
+                        break
+            request.close()
+        finally:
+            self.client_slots.release()
 
-    def _expire(self, now: float) -> None:
-        for client in list(self.clients.values()):
-            if now < client.deadline:
-                continue
-            if client.lingering or client.response is not None:
-                self._drop(client)
-            else:
-                self._respond(client, 408, b"request timeout\n")
-                client.deadline = now + LINGER  # a last chance to take the 408
-
-    def _drop(self, client: HttpClient) -> None:
-        fd = client.sock.fileno()
-        self.clients.pop(fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(fd)
-        client.sock.close()
-        if not self.accepting and len(self.clients) < MAX_CLIENTS:
-            self._accepting(True)
-
-
-def _origin_path(target: bytes) -> bytes:
-    """The path of an origin-form or absolute-form target (RFC 9112 section 3.2.2:
-    a server must accept ``http://host:port/metrics`` as well as ``/metrics``)."""
-    lowered = target[:8].lower()
-    if lowered.startswith((b"http://", b"https://")):
-        rest = target.split(b"//", 1)[1]
-        slash = rest.find(b"/")
-        target = rest[slash:] if slash >= 0 else b"/"
-    return target.split(b"?", 1)[0]
-
-
-def _header_fields(head: bytes) -> dict[str, str]:
-    """Header fields by lower-cased name (the last one wins); undecodable bytes are
-    replaced, since only Accept and Accept-Encoding are read and both are ASCII."""
-    fields: dict[str, str] = {}
-    for line in head.decode("latin-1").splitlines()[1:]:
-        name, colon, value = line.partition(":")
-        if colon:
-            fields[name.strip().lower()] = value.strip()
-    return fields
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that reset or stalled mid-answer: nothing for the operator to do.
+        log.debug("metrics: client %s: %s", client_address, sys.exc_info()[1])

@@ -4,6 +4,7 @@ backwards across worker deaths, reload/restart events, HTTP hygiene and its proc
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import threading
@@ -502,6 +503,46 @@ def test_size_limit_does_not_depend_on_how_bytes_arrive_and_absolute_form(start_
     absolute = _raw_request(address, f"GET http://{address}/metrics HTTP/1.1\r\n\r\n".encode())
     assert absolute.startswith(b"HTTP/1.1 200 OK\r\n") and b"echod_build_info" in absolute
     assert b'echod_proxy_headers_total{result="malformed"} 0' in absolute
+
+
+def test_a_trickled_head_has_one_deadline_not_one_per_read(start_echod) -> None:
+    # A byte every 0.5 s keeps each recv() inside any per-read timeout; the whole
+    # head still gets CLIENT_TIMEOUT (5 s): 408, long before the 40 bytes are sent.
+    address = _endpoint(start_echod(config=CONFIG))
+    with socket.create_connection(tuple_of(address), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        for _ in range(40):
+            if select.select([sock], [], [], 0.5)[0]:
+                break  # answered
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                break  # answered and closed: read it below
+        assert recv_until_eof(sock, 10).startswith(b"HTTP/1.1 408 ")
+
+
+def test_request_line_edges_and_one_request_per_connection(start_echod) -> None:
+    address = _endpoint(start_echod(config=CONFIG))
+
+    def status(request: bytes) -> bytes:
+        return _raw_request(address, request).split(b"\r\n", 1)[0]
+
+    # every answer has a status line: HTTP/0.9 and blank request lines are 400
+    assert status(b"GET /metrics\r\n\r\n") == b"HTTP/1.1 400 Bad Request"
+    assert status(b"\r\n\r\n") == b"HTTP/1.1 400 Bad Request"
+    assert status(b"GET /metrics HTTP/2.0\r\n\r\n") == b"HTTP/1.1 505 HTTP Version Not Supported"
+    assert status(b"BREW /metrics HTTP/1.1\r\n\r\n") == b"HTTP/1.1 501 Not Implemented"
+    assert status(b"POST /nowhere HTTP/1.1\r\n\r\n") == b"HTTP/1.1 404 Not Found"
+    options = _raw_request(address, b"OPTIONS /metrics HTTP/1.1\r\n\r\n")
+    assert options.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD\r\n" in options
+    # just under the 8 KiB head budget is fine
+    near = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 7_000 + b"\r\n\r\n"
+    assert status(near) == b"HTTP/1.1 200 OK"
+    # keep-alive asked for, and a second request pipelined: one answer, then close
+    two = b"GET /healthz HTTP/1.1\r\nConnection: keep-alive\r\n\r\n" * 2
+    answer = _raw_request(address, two)
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"\r\nConnection: close\r\n" in answer
+    assert b"\r\nServer: echod\r\n" in answer
 
 
 def test_healthz_and_readyz(start_echod) -> None:
