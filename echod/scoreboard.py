@@ -30,6 +30,10 @@ from echod import rundir
 
 MAGIC = b"ECHODSB2"
 MAX_SHUTDOWN_DELAY = 3600  # seconds; config.py enforces it, the header relies on it
+# A fold takes microseconds, but a master descheduled mid-fold on a busy machine
+# takes longer: a reader waits this long (seconds) before it settles for a read
+# that may count the folding worker twice or not at all.
+SNAPSHOT_PATIENCE = 2.0
 MAX_SLOTS = 1040  # two generations of the maximum worker count, plus spare
 NUM_COUNTERS = 32
 
@@ -468,16 +472,18 @@ class Scoreboard:
     def _fold_sequence(self) -> int:
         return int(_FOLD_SEQUENCE.unpack_from(self.buffer, _FOLD_SEQUENCE_OFFSET)[0])
 
-    def snapshot(self, attempts: int = 1000) -> Snapshot:
+    def snapshot(self, patience: float = SNAPSHOT_PATIENCE) -> Snapshot:
         """The header and the slots in use, read between folds (for summing totals)."""
-        for _ in range(attempts):
+        give_up = time.monotonic() + patience
+        while True:
             before = self._fold_sequence()
             if before % 2 == 0:
                 master, slots = self.master(), self.slots()
                 if self._fold_sequence() == before:
                     return Snapshot(master, slots)
-            time.sleep(0.0001)  # the master is mid-fold: microseconds
-        return Snapshot(self.master(), self.slots())  # best effort; never reached in practice
+            if time.monotonic() >= give_up:  # a master stopped mid-fold: settle for this
+                return Snapshot(self.master(), self.slots())
+            time.sleep(0.0001)
 
     # -- slots --------------------------------------------------------------------
     @staticmethod

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from echod.scoreboard import (
     NUM_COUNTERS,
@@ -104,4 +107,29 @@ def test_a_reader_never_sees_a_publish_half_done(tmp_path: Path) -> None:
     finally:
         os.kill(writer, signal.SIGKILL)
         os.waitpid(writer, 0)
+        board.close()
+
+
+def test_a_reader_waits_out_a_slow_fold_instead_of_counting_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    board = Scoreboard.create(str(tmp_path / "echod.scoreboard"))
+    board.claim(0, pid=100, generation=1, worker_id=1)
+    _publish(board, 0, 5)
+    header_written = threading.Event()
+    write_header = board._write_header
+
+    def descheduled_mid_fold(**fields: object) -> None:
+        write_header(**fields)  # the retired totals hold the 5; the slot still does too
+        header_written.set()
+        time.sleep(0.5)
+
+    monkeypatch.setattr(board, "_write_header", descheduled_mid_fold)
+    folding = threading.Thread(target=board.fold_into_retired, args=(0,))
+    folding.start()
+    try:
+        assert header_written.wait(10)
+        assert board.snapshot().totals()[Counter.ACCEPTED] == 5  # not 10
+    finally:
+        folding.join(10)
         board.close()
