@@ -269,6 +269,12 @@ class MetricsHTTPServer(ThreadingMixIn, BaseServer):
             render.ScoreboardCollector(board, render.ProcessSampler(), render.descriptor_limit())
         )
         self.render_lock = threading.Lock()  # the sampler keeps psutil objects between scrapes
+        # poll, not select: no FD_SETSIZE ceiling on the descriptors we inherited
+        self.client_or_master = select.poll()
+        self.client_or_master.register(listener, select.POLLIN)
+        self.client_or_master.register(master_alive_fd, select.POLLIN)
+        self.master_only = select.poll()
+        self.master_only.register(master_alive_fd, select.POLLIN)
 
     def serve_until_master_exits(self) -> None:
         """Take a client slot, wait for a client or the master's end, hand the client
@@ -280,8 +286,8 @@ class MetricsHTTPServer(ThreadingMixIn, BaseServer):
                 if self._master_gone(0):
                     return
                 continue  # all slots taken: the rest wait in the backlog
-            readable, _, _ = select.select([self.listener, self.master_alive_fd], [], [])
-            if self.master_alive_fd in readable:
+            ready = {fd for fd, _ in self.client_or_master.poll()}
+            if self.master_alive_fd in ready:
                 return  # EOF: the master is gone
             self._accept()
 
@@ -303,8 +309,7 @@ class MetricsHTTPServer(ThreadingMixIn, BaseServer):
             self.shutdown_request(conn)
 
     def _master_gone(self, wait: float) -> bool:
-        readable, _, _ = select.select([self.master_alive_fd], [], [], wait)
-        return bool(readable)
+        return bool(self.master_only.poll(wait * 1000))
 
     def expose(self, accept: str, accept_encoding: str) -> render.Exposition:
         with self.render_lock:
