@@ -49,6 +49,7 @@ LINGER = 1.0  # seconds to take an answer, and to wait for the client's FIN afte
 SLOT_WAIT = 1.0  # seconds between looks at the master while every client slot is taken
 ACCEPT_PAUSE = 0.5  # seconds to back off after accept() fails (EMFILE and friends)
 PATHS = ("/metrics", "/healthz", "/readyz")
+NOT_FOUND = "not found: try /metrics\n"  # any other path, whatever the method
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
@@ -197,7 +198,7 @@ class MetricsRequestHandler(BaseHTTPRequestHandler):
         elif path is None:
             self.send_error(HTTPStatus.BAD_REQUEST, "Bad request target")
         else:
-            self._answer(HTTPStatus.NOT_FOUND, "not found: try /metrics\n")
+            self._answer(HTTPStatus.NOT_FOUND, NOT_FOUND)
 
     do_HEAD = do_GET
 
@@ -207,7 +208,7 @@ class MetricsRequestHandler(BaseHTTPRequestHandler):
                 HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD\n", headers={"Allow": "GET, HEAD"}
             )
         else:
-            self._answer(HTTPStatus.NOT_FOUND, "not found: try /metrics\n")
+            self._answer(HTTPStatus.NOT_FOUND, NOT_FOUND)
 
     # The other methods RFC 9110 defines are known but not allowed; any other is
     # answered 501 by http.server.
