@@ -251,8 +251,10 @@ class MasterView:
             return 0.0
         if self.shutdown_ends == 0:
             return 0.0  # an older image: not published
-        left = (self.shutdown_ends - 1 - int(now)) % 65535
-        return float(left) if left <= MAX_SHUTDOWN_DELAY + 1 else 0.0  # else: passed
+        # The end is published rounded up to a whole second; `now` is not truncated
+        # too, or the two roundings together could add up to 2 s.
+        left = (self.shutdown_ends - 1 - now) % 65535
+        return left if left <= MAX_SHUTDOWN_DELAY + 1 else 0.0  # else: passed
 
 
 class Snapshot(NamedTuple):

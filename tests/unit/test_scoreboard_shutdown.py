@@ -22,6 +22,16 @@ def test_the_delay_left_is_published_rounded_up(tmp_path: Path, delay: float) ->
     assert board.master().shutdown_delay_left(now + delay + 5) == 0.0  # passed
 
 
+@pytest.mark.parametrize("now", [100.0, 100.5, 100.95])
+def test_the_two_roundings_add_at_most_a_second(tmp_path: Path, now: float) -> None:
+    # the end is rounded up when published; a `now` late in its second once added
+    # another second on top (0.2 s left read as 2 s)
+    board = Scoreboard.create(str(tmp_path / "echod.scoreboard"))
+    board.set_shutdown_ends(now + 0.2)
+    board.set_master_status(MasterStatus.SHUTTING_DOWN)
+    assert 0.2 <= board.master().shutdown_delay_left(now) <= 1.2
+
+
 def test_nothing_is_left_outside_shutting_down(tmp_path: Path) -> None:
     board = Scoreboard.create(str(tmp_path / "echod.scoreboard"))
     now = time.monotonic()
