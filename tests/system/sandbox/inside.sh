@@ -106,8 +106,9 @@ ListenStream=
 ListenStream=127.0.0.1:7
 ListenDatagram=127.0.0.1:7
 EOF
+# --man=no: this install has no man pages (the Debian package's test checks them)
 check "systemd-analyze verify (in the sandbox, real paths)" \
-  bash -c '[ -z "$(systemd-analyze verify /etc/systemd/system/echod.service /etc/systemd/system/echod.socket 2>&1)" ]'
+  bash -c '[ -z "$(systemd-analyze verify --man=no /etc/systemd/system/echod.service /etc/systemd/system/echod.socket 2>&1)" ]'
 systemctl daemon-reload
 [ "$failed" = 0 ] || finish
 
