@@ -159,7 +159,9 @@ check "the tests' echod is the installed one" \
 (cd /tmp && quietly apt-get download -qq prometheus && dpkg-deb -x prometheus_*.deb /tmp/prometheus)
 tests_out=$(cd /tmp/pkgtests && PATH=/tmp/prometheus/usr/bin:$PATH timeout 600 python3 -P -m pytest -q -p no:cacheprovider -o addopts= \
   "${PACKAGE_TESTS[@]}" 2>&1); tests_rc=$?
-printf '%s\n' "$tests_out" | grep -E 'passed|failed|error|FAILED|ERROR' | tail -n 30 | sed 's/^/# pytest: /'
+printf '%s\n' "$tests_out" | tail -n 1 | sed 's/^/# pytest: /'
+# on failure, pytest's own account of it (-rfE summary and the E lines)
+[ "$tests_rc" = 0 ] || printf '%s\n' "$tests_out" | grep -E '^(E |FAILED|ERROR|_{5,})' | tail -n 60 | sed 's/^/# pytest: /'
 check "integration tests (daemon mode, metrics + OpenMetrics, lifecycle) pass on Debian's packages" \
   test "$tests_rc" = 0
 elapsed "integration tests on Debian's packages"
@@ -198,6 +200,7 @@ check "systemctl reload echod" systemctl reload "$UNIT"
 check "reload replaced every worker (was: $before)" poll "$POLL_SECONDS" all_workers_replaced "$master" "$before"
 check "MainPID unchanged by reload" test "$(main_pid)" = "$master"
 check "TCP echo after reload" echo_works tcp
+elapsed "reload"
 
 # ---------------------------------------------------------- measurements --
 # Not checks: figures for the README. The master's RSS with the shipped unit and
@@ -242,18 +245,43 @@ for limit in 65536 1048576; do
   echo "# measure: foreground master RSS at a descriptor limit of $limit (faked getrlimit): $(master_rss_at "$limit" "") KiB; with python-daemon imported at start-up: $(master_rss_at "$limit" "import daemon") KiB"
 done
 
+# ------------------------------------- upgrade with echod stopped, socket --
+# The operator switched to socket activation: echod stopped, echod.socket
+# enabled (narrowed to loopback: the sandbox shares the host's network). A
+# reinstall leaves the socket alone (not stopped on upgrade); debhelper starts
+# the enabled service, on the new code, so there is nothing to upgrade in place.
+systemctl stop "$UNIT"
+mkdir -p /etc/systemd/system/echod.socket.d
+printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:7\nListenDatagram=127.0.0.1:7\n' \
+  > /etc/systemd/system/echod.socket.d/loopback.conf
+systemctl daemon-reload
+check "systemctl enable --now echod.socket" quietly systemctl enable --now echod.socket
+check "echod.service is stopped" is_inactive "$UNIT"
+reinstall=$(apt-get install -y -qq --reinstall "./$deb" 2>&1); reinstall_rc=$?
+printf '%s\n' "$reinstall" | grep -iE 'upgrade|echod' | sed 's/^/# apt: /'
+check "apt-get install --reinstall with echod stopped" test "$reinstall_rc" = 0
+check "no in-place upgrade of a master that was not running" \
+  bash -c "! printf '%s' \"\$1\" | grep -qiE 'upgraded in place|in-place upgrade failed'" _ "$reinstall"
+check "echod.socket still active and enabled" \
+  bash -c "systemctl is-active --quiet echod.socket && systemctl is-enabled --quiet echod.socket"
+check "the enabled service was started again" poll "$POLL_SECONDS" is_active "$UNIT"
+check "TCP echo through the socket unit's sockets" echo_works tcp
+check "UDP echo through the socket unit's sockets" echo_works udp
+
 # ------------------------------------------------------- remove and purge --
 echo "# edited by the operator" >> /etc/echod/echod.toml
 mkdir -p /var/log/echod && echo "old" > /var/log/echod/echod.log
 check "apt-get remove echod" quietly apt-get remove -y -qq echod
 check "the service stopped" is_inactive "$UNIT"
+check "the socket stopped (prerm)" is_inactive echod.socket
 check "no echod process left" poll "$POLL_SECONDS" no_echod_left
+check "nothing answers on port 7" bash -c "! python3 /tmp/echo_probe.py tcp 2>/dev/null"
 check "the edited conffile is kept" grep -q "^# edited by the operator" /etc/echod/echod.toml
 check "/usr/bin/echod is gone" test ! -e /usr/bin/echod
 check "apt-get purge echod" quietly apt-get purge -y -qq echod
 check "/etc/echod is gone" test ! -e /etc/echod
 check "/var/log/echod is gone" test ! -e /var/log/echod
 check "dpkg forgot echod" bash -c "! dpkg-query -W echod >/dev/null 2>&1"
-elapsed "reload, remove, purge"
+elapsed "socket, remove, purge"
 
 finish
