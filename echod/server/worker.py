@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
+import math
 import os
 import select
 import signal
@@ -45,6 +46,7 @@ from echod.scoreboard import (
 )
 from echod.server.access import format_peer
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
+from echod.server.drain import ClosePlan, CloseSpread
 from echod.server.listeners import Listener
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.signals import SignalQueue
@@ -210,6 +212,8 @@ class Worker:
         self.capacity_paused = False
         self.draining = False
         self.drain_deadline = 0.0
+        self.close_plan = ClosePlan(math.inf, 0.0)  # set when draining starts
+        self.close_spread: CloseSpread | None = None  # close_spread: the closes under way
         self.stopping = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -355,6 +359,7 @@ class Worker:
             self.stopping = True
 
     def _housekeeping(self, now: float) -> None:
+        next_close = self._spread_closes(now) if self.draining else math.inf
         if self.idle_wheel:
             self._expire_idle(now)
         if self.lifetime_wheel:
@@ -376,7 +381,7 @@ class Worker:
             self._check_memory(now)
         self._publish(now)
         self.error_log.flush()
-        next_tick = now + self.heartbeat_interval
+        next_tick = min(now + self.heartbeat_interval, next_close)
         if self.memory_limit is not None:
             next_tick = min(next_tick, self.memory_limit.next_sample)
         for wheel in (self.idle_wheel, self.lifetime_wheel):
@@ -424,12 +429,19 @@ class Worker:
             # HUP, TTIN, TTOU, USR2 are the master's business
 
     def _start_draining(self, why: str) -> None:
-        if self.draining:
+        now = time.monotonic()
+        # the master wrote our limit before its TERM: reload_timeout or graceful_timeout
+        limit = self.slot.drain_timeout() or self.config.graceful_timeout
+        plan = ClosePlan.starting(now, limit, self.config.close_spread)
+        if self.draining:  # a stop while a reload's drain runs: only ever sooner
+            self.close_plan = self.close_plan.tightened(plan)
+            self.drain_deadline = self.close_plan.deadline
+            self.next_housekeeping = 0.0
             return
         log.info("draining (%s): %d connection(s) open", why, len(self.connections))
         self.draining = True
-        now = time.monotonic()
-        self.drain_deadline = now + self.config.graceful_timeout
+        self.close_plan = plan
+        self.drain_deadline = plan.deadline
         self._pause_accepting()
         for listener in self.listeners.values():
             # EPOLLEXCLUSIVE may have woken only us for connections already queued:
@@ -440,6 +452,23 @@ class Worker:
         self.listeners.clear()
         self.slot.set_state(State.DRAINING)
         self.next_housekeeping = 0.0
+
+    def _spread_closes(self, now: float) -> float:
+        """close_spread: close what is due now; return when the next close is due."""
+        plan = self.close_plan
+        if plan.spread <= 0 or now < plan.spread_from:
+            return plan.spread_from if plan.spread > 0 else math.inf
+        if self.close_spread is None or self.close_spread.end != plan.deadline:
+            self.close_spread = CloseSpread(now, plan.deadline, len(self.connections))
+            log.info(
+                "time limit near: closing %d connection(s) over %.1fs (close_spread)",
+                len(self.connections),
+                plan.deadline - now,
+            )
+        for conn in list(self.connections.values())[: self.close_spread.due(now)]:
+            _shutdown_gently(conn.sock)
+            self._close(conn, Counter.CLOSED_SHUTDOWN)
+        return self.close_spread.next_at()
 
     def _check_memory(self, now: float) -> None:
         assert self.memory_limit is not None

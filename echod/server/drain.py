@@ -1,0 +1,71 @@
+"""When a draining worker closes what is still open at the end of its time limit.
+
+A worker told to drain (TERM: a stop, or retirement by HUP, USR2, TTOU or
+recycling) serves its open connections until its time limit, then closes the
+rest. With ``close_spread`` it does not close them all in the same instant (every
+client would reconnect at once): it closes them one by one, evenly over a window
+that ENDS at the limit, so the limit stays the limit (the stop's total stays
+inside graceful_timeout, and so inside systemd's TimeoutStopSec). A window longer
+than the limit is clamped to it. Pure: the worker feeds it the time and its count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+NEVER = math.inf
+
+
+@dataclass(frozen=True)
+class ClosePlan:
+    deadline: float  # every connection closed by then (time.monotonic()); NEVER: not forced
+    spread: float  # seconds before the deadline over which closes are spread
+
+    @classmethod
+    def starting(cls, now: float, limit: float, close_spread: float) -> ClosePlan:
+        """`limit`: seconds from `now` (math.inf: never force)."""
+        if not math.isfinite(limit):
+            return cls(NEVER, 0.0)
+        return cls(now + limit, min(close_spread, limit))
+
+    @property
+    def spread_from(self) -> float:
+        return self.deadline - self.spread
+
+    def tightened(self, other: ClosePlan) -> ClosePlan:
+        """A second TERM (a stop while a reload's drain runs) can only shorten it."""
+        return other if other.deadline < self.deadline else self
+
+
+@dataclass
+class CloseSpread:
+    """`total` connections closed evenly over [start, end): the k-th (from 0) at
+    start + k * (end - start) / total, so the last one goes a step before the end."""
+
+    start: float
+    end: float
+    total: int
+    closed: int = 0
+
+    def due(self, now: float) -> int:
+        """How many to close now (the worker closes that many, oldest first)."""
+        if now >= self.end or self.end <= self.start:
+            wanted = self.total
+        elif now < self.start:
+            wanted = 0
+        else:
+            wanted = min(self.total, math.floor((now - self.start) * self.total / self.window) + 1)
+        more = max(0, wanted - self.closed)
+        self.closed += more
+        return more
+
+    def next_at(self) -> float:
+        """When the next close is due (math.inf once all are)."""
+        if self.closed >= self.total:
+            return math.inf
+        return self.start + self.closed * self.window / self.total
+
+    @property
+    def window(self) -> float:
+        return self.end - self.start
