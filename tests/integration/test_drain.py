@@ -4,6 +4,7 @@ the real echod, /readyz over HTTP, echoctl as a subprocess, echoes over sockets.
 from __future__ import annotations
 
 import json
+import selectors
 import re
 import signal
 import socket
@@ -206,3 +207,91 @@ def test_reload_reports_changes_and_restart_only_keys(start_echod, tmp_path) -> 
     assert _status_json(server.runtime_dir)["config_last_reload_successful"] is False
     with server.connect() as sock:  # the running configuration still serves
         assert echo_roundtrip(sock, b"fine") == b"fine"
+
+
+def _close_times(socks: list[socket.socket], since: float, timeout: float) -> list[float]:
+    """Seconds after `since` at which the server closed each socket (EOF or reset)."""
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    times: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(times) < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(0.5):
+            sock = key.fileobj
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                times.append(time.monotonic() - since)
+                selector.unregister(sock)
+    selector.close()
+    assert len(times) == len(socks), f"only {len(times)} of {len(socks)} closed in {timeout}s"
+    return sorted(times)
+
+
+def _histogram(times: list[float], width: float = 0.5) -> str:
+    buckets: dict[int, int] = {}
+    for moment in times:
+        buckets[int(moment / width)] = buckets.get(int(moment / width), 0) + 1
+    return "\n".join(
+        f"{k * width:5.1f}-{(k + 1) * width:4.1f}s {n:4d} {'#' * (n // 2)}"
+        for k, n in sorted(buckets.items())
+    )
+
+
+def _most_within(times: list[float], window: float) -> int:
+    return max(sum(1 for t in times if start <= t < start + window) for start in times)
+
+
+def _retire_held(start_echod, spread: float, count: int = 200) -> list[float]:
+    config = {"graceful_timeout": 30, "reload_timeout": 6, "close_spread": spread}
+    server = start_echod(workers=1, config=config)
+    socks = _held(server, count)
+    try:
+        retired = time.monotonic()
+        server.send_signal(signal.SIGHUP)
+        times = _close_times(socks, retired, timeout=30)
+    finally:
+        for sock in socks:
+            sock.close()
+    print(f"close_spread = {spread}: {count} held connections closed at\n{_histogram(times)}")
+    return times
+
+
+def test_close_spread_spreads_the_closes_of_a_retired_worker(start_echod) -> None:
+    times = _retire_held(start_echod, spread=4)
+    # the window ends at reload_timeout (6 s): closes from about 2 s to 6 s
+    assert times[-1] - times[0] >= 3.0, times
+    # An even spread over 4 s puts exactly a quarter in any 1 s window; the client's
+    # view adds the scheduling jitter of a busy machine: a fifth of that on top
+    assert _most_within(times, 1.0) <= 200 // 4 * 1.2, _histogram(times)
+    assert times[-1] < 6 + 3  # and the limit stays the limit (a busy machine's slack)
+
+
+def test_without_close_spread_they_close_together(start_echod) -> None:
+    times = _retire_held(start_echod, spread=0)
+    assert times[0] >= 5.0  # nothing before reload_timeout
+    assert _most_within(times, 1.0) >= 190, _histogram(times)
+
+
+def test_close_spread_on_a_stop_ends_within_graceful_timeout(start_echod) -> None:
+    server = start_echod(workers=1, config={"graceful_timeout": 3, "close_spread": 2})
+    socks = _held(server, 100)
+    try:
+        stopped = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        times = _close_times(socks, stopped, timeout=20)
+        assert server.wait(20) == 0
+        exited = time.monotonic() - stopped
+    finally:
+        for sock in socks:
+            sock.close()
+    print(f"stop, graceful_timeout 3, close_spread 2:\n{_histogram(times)}")
+    assert times[0] >= 0.8  # the window is the last 2 s of the 3
+    assert times[-1] - times[0] >= 1.2
+    assert exited < 3 + 3  # the stop's total stays graceful_timeout (+ slack)
