@@ -55,7 +55,9 @@ class CloseSpread:
         elif now < self.start:
             wanted = 0
         else:
-            wanted = min(self.total, math.floor((now - self.start) * self.total / self.window) + 1)
+            # + 1e-9: at next_at()'s own time, rounding must not leave that one undue
+            steps = (now - self.start) * self.total / self.window + 1e-9
+            wanted = min(self.total, math.floor(steps) + 1)
         more = max(0, wanted - self.closed)
         self.closed += more
         return more

@@ -4,8 +4,8 @@ the real echod, /readyz over HTTP, echoctl as a subprocess, echoes over sockets.
 from __future__ import annotations
 
 import json
-import selectors
 import re
+import selectors
 import signal
 import socket
 import time
@@ -99,9 +99,7 @@ def test_drain_turns_readyz_503_while_everything_serves(start_echod, runtime_dir
     server.wait_for_log(r"drain ended: ready again")
 
 
-def test_drain_holds_across_hup_and_usr2_and_not_across_a_restart(
-    start_echod, runtime_dir
-) -> None:
+def test_drain_holds_across_hup_and_usr2_and_not_across_a_restart(start_echod, runtime_dir) -> None:
     server = start_echod(workers=1, config=CONFIG)
     address = _endpoint(server)
     assert _ctl(runtime_dir, "drain").returncode == 0
