@@ -424,10 +424,8 @@ class Scoreboard:
             ),
             heartbeat=_MASTER_HEARTBEAT.unpack_from(self.buffer, _MASTER_HEARTBEAT_OFFSET)[0],
             shutdown_ends=_SHUTDOWN_ENDS.unpack_from(self.buffer, _SHUTDOWN_ENDS_OFFSET)[0],
-            flags=MasterFlag(_MASTER_FLAGS.unpack_from(self.buffer, _MASTER_FLAGS_OFFSET)[0] & 3),
-            last_config_load=_LAST_CONFIG_LOAD.unpack_from(self.buffer, _LAST_CONFIG_LOAD_OFFSET)[
-                0
-            ],
+            flags=_MASTER_FLAGS.unpack_from(self.buffer, _MASTER_FLAGS_OFFSET)[0],
+            last_config_load=self._last_config_load(),
         )
 
     def _last_config_load(self) -> float:
