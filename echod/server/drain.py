@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass
 
 NEVER = math.inf
+# At most this often: with 100k connections an even spread would wake the worker
+# every few microseconds; instead each wake-up closes the ones due since the last.
+MIN_STEP = 0.01
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,12 @@ class CloseSpread:
         self.closed += more
         return more
 
-    def next_at(self) -> float:
-        """When the next close is due (math.inf once all are)."""
+    def next_at(self, now: float) -> float:
+        """When to look again (math.inf once all are closed): when the next close is
+        due, but no sooner than MIN_STEP after `now`."""
         if self.closed >= self.total:
             return math.inf
-        return self.start + self.closed * self.window / self.total
+        return max(now + MIN_STEP, self.start + self.closed * self.window / self.total)
 
     @property
     def window(self) -> float:

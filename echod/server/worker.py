@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname, rundir
@@ -46,7 +47,7 @@ from echod.scoreboard import (
 )
 from echod.server.access import format_peer
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
-from echod.server.drain import ClosePlan, CloseSpread
+from echod.server.drain import NEVER, ClosePlan, CloseSpread
 from echod.server.listeners import Listener
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.signals import SignalQueue
@@ -212,7 +213,7 @@ class Worker:
         self.capacity_paused = False
         self.draining = False
         self.drain_deadline = 0.0
-        self.close_plan = ClosePlan(math.inf, 0.0)  # set when draining starts
+        self.close_plan = ClosePlan(NEVER, 0.0)  # set when draining starts
         self.close_spread: CloseSpread | None = None  # close_spread: the closes under way
         self.stopping = False
         self.bytes_in = 0
@@ -465,10 +466,10 @@ class Worker:
                 len(self.connections),
                 plan.deadline - now,
             )
-        for conn in list(self.connections.values())[: self.close_spread.due(now)]:
+        for conn in list(islice(self.connections.values(), self.close_spread.due(now))):
             _shutdown_gently(conn.sock)
             self._close(conn, Counter.CLOSED_SHUTDOWN)
-        return self.close_spread.next_at()
+        return self.close_spread.next_at(now)
 
     def _check_memory(self, now: float) -> None:
         assert self.memory_limit is not None

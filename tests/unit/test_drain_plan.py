@@ -19,7 +19,7 @@ from echod.metrics import health
 from echod.scoreboard import MasterFlag, MasterStatus, Scoreboard, State, WorkerSlot
 from echod.server import master as master_module
 from echod.server import reload_report
-from echod.server.drain import NEVER, ClosePlan, CloseSpread
+from echod.server.drain import MIN_STEP, NEVER, ClosePlan, CloseSpread
 from echod.server.listeners import ListenerChange
 from echod.server.master import Hooks
 from echod.server.phases import WorkerPhase
@@ -45,11 +45,20 @@ def test_closes_are_spread_evenly_and_all_done_by_the_end() -> None:
     now, ticks = 0.0, 0
     while now < 4.0 and ticks < 1000:  # one close per tick, each at its own time
         assert spread.due(now) == 1
-        now, ticks = spread.next_at(), ticks + 1
-    assert spread.closed == 200 and spread.next_at() == math.inf
+        now, ticks = spread.next_at(now), ticks + 1
+    assert spread.closed == 200 and spread.next_at(now) == math.inf
     per_second = CloseSpread(0.0, 4.0, 200)
     counts = [per_second.due(t + 0.999) for t in range(4)]
     assert counts == [50, 50, 50, 50]
+
+
+def test_many_connections_wake_the_worker_at_most_every_min_step() -> None:
+    spread = CloseSpread(0.0, 4.0, 100_000)
+    now, ticks = 0.0, 0
+    while spread.closed < 100_000 and ticks < 10_000:
+        spread.due(now)
+        now, ticks = spread.next_at(now), ticks + 1
+    assert spread.closed == 100_000 and ticks <= 4.0 / MIN_STEP + 2
 
 
 def test_a_late_tick_catches_up_and_the_end_closes_the_rest() -> None:
