@@ -172,3 +172,26 @@ def test_workers_retired_by_a_reload_get_reload_timeout_and_a_stop_shortens_it(
         assert master.children.sent(signal.SIGTERM).count(old.pid) == 2
     finally:
         board.unlink()
+
+
+def test_a_scale_down_retires_for_reload_timeout_and_a_recycle_for_graceful_timeout(
+    tmp_path: Path,
+) -> None:
+    board = Scoreboard.create(str(tmp_path / "echod.scoreboard"))
+    try:
+        config = Config(
+            workers=2, runtime_dir=str(tmp_path), graceful_timeout=5.0, reload_timeout=12.0
+        )
+        master = fake_master(config, board, Hooks())
+        first, second = started(master)
+        master._handle_signal(signal.SIGTTOU)
+        assert second.phase is WorkerPhase.DRAINING
+        assert WorkerSlot(board, second.slot).drain_timeout() == 12.0
+        WorkerSlot(board, first.slot).set_state(State.RETIRING)  # asks to be recycled
+        master._supervise(time.monotonic())
+        report(master, State.READY, *[w for w in master._current() if w is not first])
+        master._supervise(time.monotonic())
+        assert first.phase is WorkerPhase.DRAINING
+        assert WorkerSlot(board, first.slot).drain_timeout() == 5.0
+    finally:
+        board.unlink()
