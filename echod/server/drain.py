@@ -6,13 +6,16 @@ rest. With ``close_spread`` it does not close them all in the same instant (ever
 client would reconnect at once): it closes them one by one, evenly over a window
 that ENDS at the limit, so the limit stays the limit (the stop's total stays
 inside graceful_timeout, and so inside systemd's TimeoutStopSec). A window longer
-than the limit is clamped to it. Pure: the worker feeds it the time and its count.
+than the limit is clamped to it. The worker feeds it the time and its count.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+log = logging.getLogger("echod.worker")
 
 NEVER = math.inf
 # At most this often: with 100k connections an even spread would wake the worker
@@ -75,3 +78,35 @@ class CloseSpread:
     @property
     def window(self) -> float:
         return self.end - self.start
+
+
+class DrainSchedule:
+    """A draining worker's time limit and, with close_spread, its closes under way."""
+
+    def __init__(self, close_spread: float) -> None:
+        self.close_spread = close_spread
+        self.plan = ClosePlan(NEVER, 0.0)
+        self.closes: CloseSpread | None = None
+
+    def begin(self, now: float, limit: float) -> float:
+        """TERM: drain for `limit` seconds (a second TERM only brings it forward).
+        Returns the deadline, when whatever is still open is closed at once."""
+        self.plan = self.plan.tightened(ClosePlan.starting(now, limit, self.close_spread))
+        return self.plan.deadline
+
+    def due(self, now: float, still_open: int) -> tuple[int, float]:
+        """(connections to close now, when to look again: math.inf = not before the
+        deadline)."""
+        plan = self.plan
+        if plan.spread <= 0:
+            return 0, math.inf
+        if now < plan.spread_from:
+            return 0, plan.spread_from
+        if self.closes is None or self.closes.end != plan.deadline:  # (re)started
+            self.closes = CloseSpread(now, plan.deadline, still_open)
+            log.info(
+                "time limit near: closing %d connection(s) over %.1fs (close_spread)",
+                still_open,
+                plan.deadline - now,
+            )
+        return self.closes.due(now), self.closes.next_at(now)

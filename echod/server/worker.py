@@ -47,7 +47,7 @@ from echod.scoreboard import (
 )
 from echod.server.access import format_peer
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
-from echod.server.drain import NEVER, ClosePlan, CloseSpread
+from echod.server.drain import DrainSchedule
 from echod.server.listeners import Listener
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.signals import SignalQueue
@@ -213,8 +213,7 @@ class Worker:
         self.capacity_paused = False
         self.draining = False
         self.drain_deadline = 0.0
-        self.close_plan = ClosePlan(NEVER, 0.0)  # set when draining starts
-        self.close_spread: CloseSpread | None = None  # close_spread: the closes under way
+        self.drain_schedule = DrainSchedule(config.close_spread)
         self.stopping = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -433,16 +432,12 @@ class Worker:
         now = time.monotonic()
         # the master wrote our limit before its TERM: reload_timeout or graceful_timeout
         limit = self.slot.drain_timeout() or self.config.graceful_timeout
-        plan = ClosePlan.starting(now, limit, self.config.close_spread)
+        self.drain_deadline = self.drain_schedule.begin(now, limit)
+        self.next_housekeeping = 0.0
         if self.draining:  # a stop while a reload's drain runs: only ever sooner
-            self.close_plan = self.close_plan.tightened(plan)
-            self.drain_deadline = self.close_plan.deadline
-            self.next_housekeeping = 0.0
             return
         log.info("draining (%s): %d connection(s) open", why, len(self.connections))
         self.draining = True
-        self.close_plan = plan
-        self.drain_deadline = plan.deadline
         self._pause_accepting()
         for listener in self.listeners.values():
             # EPOLLEXCLUSIVE may have woken only us for connections already queued:
@@ -452,24 +447,14 @@ class Worker:
             listener.close(unlink=False)  # our copy only: the master owns the socket
         self.listeners.clear()
         self.slot.set_state(State.DRAINING)
-        self.next_housekeeping = 0.0
 
     def _spread_closes(self, now: float) -> float:
-        """close_spread: close what is due now; return when the next close is due."""
-        plan = self.close_plan
-        if plan.spread <= 0 or now < plan.spread_from:
-            return plan.spread_from if plan.spread > 0 else math.inf
-        if self.close_spread is None or self.close_spread.end != plan.deadline:
-            self.close_spread = CloseSpread(now, plan.deadline, len(self.connections))
-            log.info(
-                "time limit near: closing %d connection(s) over %.1fs (close_spread)",
-                len(self.connections),
-                plan.deadline - now,
-            )
-        for conn in list(islice(self.connections.values(), self.close_spread.due(now))):
+        """close_spread: close the connections due now; return when more are due."""
+        count, next_close = self.drain_schedule.due(now, len(self.connections))
+        for conn in list(islice(self.connections.values(), count)):
             _shutdown_gently(conn.sock)
             self._close(conn, Counter.CLOSED_SHUTDOWN)
-        return self.close_spread.next_at(now)
+        return next_close
 
     def _check_memory(self, now: float) -> None:
         assert self.memory_limit is not None

@@ -19,7 +19,7 @@ from echod.metrics import health
 from echod.scoreboard import MasterFlag, MasterStatus, Scoreboard, State, WorkerSlot
 from echod.server import master as master_module
 from echod.server import reload_report
-from echod.server.drain import MIN_STEP, NEVER, ClosePlan, CloseSpread
+from echod.server.drain import MIN_STEP, NEVER, ClosePlan, CloseSpread, DrainSchedule
 from echod.server.listeners import ListenerChange
 from echod.server.master import Hooks
 from echod.server.phases import WorkerPhase
@@ -195,3 +195,16 @@ def test_a_scale_down_retires_for_reload_timeout_and_a_recycle_for_graceful_time
         assert WorkerSlot(board, first.slot).drain_timeout() == 5.0
     finally:
         board.unlink()
+
+
+def test_the_schedule_waits_for_the_window_then_spreads_and_a_stop_restarts_it() -> None:
+    schedule = DrainSchedule(close_spread=4.0)
+    assert schedule.begin(0.0, math.inf) == math.inf  # reload_timeout = 0: never forced
+    assert schedule.due(100.0, 50) == (0, math.inf)
+    assert schedule.begin(100.0, 10.0) == 110.0  # then a stop: graceful_timeout 10
+    assert schedule.due(101.0, 50) == (0, 106.0)
+    count, again = schedule.due(106.0, 40)
+    assert count == 1 and again == pytest.approx(106.1)
+    assert schedule.due(108.0, 39)[0] == 20  # those due at 106.1 ... 108.0
+    assert schedule.begin(108.0, 30.0) == 110.0  # a later TERM changes nothing
+    assert DrainSchedule(close_spread=0.0).due(5.0, 10) == (0, math.inf)
