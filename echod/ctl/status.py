@@ -267,7 +267,7 @@ def human_duration(seconds: float) -> str:
 
 
 _STATE_TEXT = {
-    "draining": "draining (echoctl drain: /readyz 503, serving as before; echoctl undrain ends it)",
+    "draining": "draining (/readyz 503, serving as before; echoctl undrain ends it)",
     "shutting_down": "shutting down (shutdown_delay: not ready, still serving)",
 }
 
