@@ -26,6 +26,7 @@ ENV_PREFIX = "ECHOD_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 512
+FOLLOW_GRACEFUL_TIMEOUT = -1.0  # reload_timeout's default: whatever graceful_timeout is
 
 
 def default_runtime_dir() -> str:
@@ -41,6 +42,13 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 or greater"
+
+
+def _reload_timeout(value: float) -> str | None:
+    if value >= 0 or value == FOLLOW_GRACEFUL_TIMEOUT:
+        return None
+    follow = f"{FOLLOW_GRACEFUL_TIMEOUT:g}"
+    return f"must be 0 (never force) or greater, or {follow} (graceful_timeout's value)"
 
 
 def _delay_bound(value: float) -> str | None:
@@ -119,6 +127,10 @@ class Config:
     workers: int = _key(int, _between(1, MAX_WORKERS), default=lambda: os.cpu_count() or 1)
     backlog: int = _key(int, _between(1, 65535), default=1024)
     graceful_timeout: float = _key(float, _non_negative, default=30.0)
+    # workers retired by HUP, USR2 and TTOU (graceful_timeout stays the stop's)
+    reload_timeout: float = _key(float, _reload_timeout, default=FOLLOW_GRACEFUL_TIMEOUT)
+    # closes at a drain's time limit spread over this window (see echod.server.drain)
+    close_spread: float = _key(float, _non_negative, default=0.0)
     worker_timeout: float = _key(float, _positive, default=30.0)
     idle_timeout: float = _key(float, _non_negative, default=300.0)
     max_connections: int = _key(int, _between(1, 1_000_000), default=10000)
@@ -158,6 +170,13 @@ class Config:
     @property
     def addresses(self) -> list[Address]:
         return [parse_address(text) for text in self.bind]
+
+    @property
+    def reload_limit(self) -> float:
+        """Seconds a worker retired by a reload may drain; math.inf: never forced."""
+        if self.reload_timeout == FOLLOW_GRACEFUL_TIMEOUT:
+            return self.graceful_timeout
+        return self.reload_timeout or math.inf
 
     @property
     def pidfile_path(self) -> str:

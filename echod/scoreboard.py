@@ -23,7 +23,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import NamedTuple
 
 from echod import rundir
@@ -54,6 +54,13 @@ class MasterStatus(IntEnum):
     SERVING = 1  # supervising workers, taking new clients (reloads and upgrades too)
     SHUTTING_DOWN = 2  # TERM received: still serving for shutdown_delay, not ready
     STOPPING = 3  # listeners closed, connections finishing
+
+
+class MasterFlag(IntFlag):
+    """Bits of the master's flags byte (zero from an older image: none set)."""
+
+    DRAINING = 1  # `echoctl drain`: /readyz 503, serving as before
+    RELOAD_FAILED = 2  # the last reload's configuration did not load
 
 
 class Counter(IntEnum):
@@ -132,7 +139,8 @@ _RETIRED_DROPS = struct.Struct(f"<{2 * UDP_DROP_SOCKETS_RETIRED}I")
 _RETIRED_DROPS_OFFSET = 328
 
 
-NUM_MASTER_COUNTERS = 16
+# 16 places, the last one taken by the last good config load (see _LAST_CONFIG_LOAD)
+NUM_MASTER_COUNTERS = 15
 # magic, master pid, generation, nslots, code started (wall), master started (wall),
 # version, retired-worker totals (folded in by the master when a worker is reaped)
 _HEADER = struct.Struct(f"<8siIIdd32s{NUM_COUNTERS}Q")
@@ -157,11 +165,22 @@ _MASTER_STATUS_OFFSET = 372
 # a scoreboard.
 _SHUTDOWN_ENDS = struct.Struct("<H")
 _SHUTDOWN_ENDS_OFFSET = 374
+# Flags only the master writes (see MasterFlag), in the status's second pad byte:
+# an older image wrote zero there, "not draining, last reload fine".
+_MASTER_FLAGS = struct.Struct("<B")
+_MASTER_FLAGS_OFFSET = 373
+# When the configuration last loaded successfully (wall clock, seconds): at start,
+# at an upgrade, at each good reload. In the last of the 16 master-counter places.
+_LAST_CONFIG_LOAD = struct.Struct("<d")
+_LAST_CONFIG_LOAD_OFFSET = 504
 _MASTER_HEARTBEAT = struct.Struct("<I")
 _MASTER_HEARTBEAT_OFFSET = 324
 HEADER_SIZE = 512
-# pid, generation, state, worker id, started (wall), heartbeat (monotonic), active
+# pid, generation, state, worker id, started (wall), heartbeat (monotonic), active,
+# drain timeout (see set_drain_timeout; the last 4 bytes were padding, zero = unset)
 _SLOT_HEAD = struct.Struct("<iIBxHddI4x")
+_DRAIN_TIMEOUT = struct.Struct("<f")
+_DRAIN_TIMEOUT_OFFSET = 32
 _COUNTERS = struct.Struct(f"<{NUM_COUNTERS}Q")
 SLOT_SIZE = 320
 FILE_SIZE = HEADER_SIZE + MAX_SLOTS * SLOT_SIZE
@@ -175,13 +194,16 @@ _PEER_LOAD = struct.Struct("<i5xB10xdI")
 assert _HEADER.size <= _MASTER_HEARTBEAT_OFFSET
 assert _MASTER_HEARTBEAT_OFFSET + _MASTER_HEARTBEAT.size <= _RETIRED_DROPS_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _MASTER_STATUS_OFFSET
-assert _MASTER_STATUS_OFFSET + _MASTER_STATUS.size <= _SHUTDOWN_ENDS_OFFSET
+assert _MASTER_STATUS_OFFSET + _MASTER_STATUS.size <= _MASTER_FLAGS_OFFSET
+assert _MASTER_FLAGS_OFFSET + _MASTER_FLAGS.size <= _SHUTDOWN_ENDS_OFFSET
 assert _SHUTDOWN_ENDS_OFFSET + _SHUTDOWN_ENDS.size <= _FOLD_SEQUENCE_OFFSET
 assert _RETIRED_DROPS_OFFSET + _RETIRED_DROPS.size <= _ROSTER_OFFSET
 assert _ROSTER_OFFSET + _ROSTER.size <= _FOLD_SEQUENCE_OFFSET
 assert _PEER_LOAD.size == _ACTIVE_OFFSET + 4
+assert _DRAIN_TIMEOUT_OFFSET + _DRAIN_TIMEOUT.size == _SLOT_HEAD.size
 assert _FOLD_SEQUENCE_OFFSET + _FOLD_SEQUENCE.size <= _MASTER_COUNTERS_OFFSET
-assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= HEADER_SIZE
+assert _MASTER_COUNTERS_OFFSET + _MASTER_COUNTERS.size <= _LAST_CONFIG_LOAD_OFFSET
+assert _LAST_CONFIG_LOAD_OFFSET + _LAST_CONFIG_LOAD.size <= HEADER_SIZE
 assert _SLOT_HEAD.size + _COUNTERS.size + _SLOT_DROPS.size <= SLOT_SIZE
 _SLOT_DROPS_OFFSET = _SLOT_HEAD.size + _COUNTERS.size
 
@@ -244,6 +266,16 @@ class MasterView:
     status: MasterStatus = MasterStatus.STARTING
     heartbeat: int = 0  # whole seconds of time.monotonic(), 0 = never beat
     shutdown_ends: int = 0  # SHUTTING_DOWN only: see shutdown_delay_left()
+    flags: int = 0  # MasterFlag bits
+    last_config_load: float = 0.0  # wall clock; 0 = never published (an older image)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.flags & MasterFlag.DRAINING)
+
+    @property
+    def last_reload_successful(self) -> bool:
+        return not self.flags & MasterFlag.RELOAD_FAILED
 
     def shutdown_delay_left(self, now: float) -> float:
         """Seconds of shutdown_delay still to run; `now` from time.monotonic()."""
@@ -392,7 +424,29 @@ class Scoreboard:
             ),
             heartbeat=_MASTER_HEARTBEAT.unpack_from(self.buffer, _MASTER_HEARTBEAT_OFFSET)[0],
             shutdown_ends=_SHUTDOWN_ENDS.unpack_from(self.buffer, _SHUTDOWN_ENDS_OFFSET)[0],
+            flags=_MASTER_FLAGS.unpack_from(self.buffer, _MASTER_FLAGS_OFFSET)[0],
+            last_config_load=self._last_config_load(),
         )
+
+    def _last_config_load(self) -> float:
+        return float(_LAST_CONFIG_LOAD.unpack_from(self.buffer, _LAST_CONFIG_LOAD_OFFSET)[0])
+
+    def set_master_flag(self, flag: MasterFlag, on: bool) -> None:
+        """The master alone writes the flags, so read-modify-write is safe."""
+        (flags,) = _MASTER_FLAGS.unpack_from(self.buffer, _MASTER_FLAGS_OFFSET)
+        flags = flags | flag if on else flags & ~flag
+        _store(self.buffer, _MASTER_FLAGS, _MASTER_FLAGS_OFFSET, flags)
+
+    def config_loaded(self, ok: bool, when: float) -> None:
+        """A configuration load (start, upgrade, reload): `when` is kept only if `ok`."""
+        if ok:
+            _store(self.buffer, _LAST_CONFIG_LOAD, _LAST_CONFIG_LOAD_OFFSET, when)
+        self.set_master_flag(MasterFlag.RELOAD_FAILED, not ok)
+
+    def set_drain_timeout(self, index: int, seconds: float) -> None:
+        """How long the worker in slot `index` may drain once told to (TERM): written
+        by the master before the signal; inf = never forced, 0 = graceful_timeout."""
+        _store(self.buffer, _DRAIN_TIMEOUT, self._offset(index) + _DRAIN_TIMEOUT_OFFSET, seconds)
 
     def set_master_status(self, status: MasterStatus) -> None:
         _store(self.buffer, _MASTER_STATUS, _MASTER_STATUS_OFFSET, status)
@@ -594,6 +648,12 @@ class WorkerSlot:
 
     def set_state(self, state: State) -> None:
         _store(self.buffer, _U8, self.offset + _STATE_OFFSET, state)
+
+    def drain_timeout(self) -> float:
+        """What the master wrote before its TERM (see Scoreboard.set_drain_timeout)."""
+        return float(
+            _DRAIN_TIMEOUT.unpack_from(self.buffer, self.offset + _DRAIN_TIMEOUT_OFFSET)[0]
+        )
 
     def publish(self, now: float, active: int, counters: list[int]) -> None:
         """Heartbeat, active connections and every counter in one go."""

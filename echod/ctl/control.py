@@ -1,4 +1,5 @@
-"""``echoctl reload | stop | scale | reopen-logs | upgrade``: signal the master, then
+"""``echoctl reload | stop | scale | reopen-logs | upgrade | drain | undrain``: signal
+the master (drain: leave a request beside its pidfile, see echod.drainrequest), then
 wait (bounded) until the scoreboard shows the effect, and say what happened.
 
 Exit 0 done, 1 failed or timed out, 3 no master runs, 64 bad usage; what went
@@ -17,9 +18,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-from echod import exitcodes
+from echod import drainrequest, exitcodes
 from echod.ctl.target import RunningMaster, find_master
-from echod.errors import UsageError
+from echod.errors import EchodError, PrivilegeError, UsageError
 from echod.scoreboard import MasterCounter, State
 
 T = TypeVar("T")
@@ -106,6 +107,20 @@ def add_parsers(subparsers: Any) -> list[Command]:
         run_upgrade,
         "  pip install -U echod && echoctl upgrade\n",
         timeout=120.0,
+    )
+    verb(
+        "drain",
+        "take echod out of a balancer's rotation: /readyz answers 503, serving goes on",
+        run_drain,
+        "  echoctl drain && sleep 10 && echoctl stop\n  echoctl drain; echoctl undrain\n",
+        timeout=10.0,
+    )
+    verb(
+        "undrain",
+        "end a drain: /readyz answers 200 again",
+        run_undrain,
+        "  echoctl undrain\n",
+        timeout=10.0,
     )
     return commands
 
@@ -283,4 +298,39 @@ def run_upgrade(args: argparse.Namespace) -> int:
         f"upgraded in place: pid {view.pid}{'' if same_pid else ' (gone?)'}, "
         f"echod {view.version}, generation {view.generation}"
     )
+    return exitcodes.OK
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    return _switch_drain(args, drain=True)
+
+
+def run_undrain(args: argparse.Namespace) -> int:
+    return _switch_drain(args, drain=False)
+
+
+def _switch_drain(args: argparse.Namespace, drain: bool) -> int:
+    master = find_master(args)
+    path = drainrequest.drain_request_path(master.pidfile)
+    try:
+        if drain:
+            drainrequest.request(path)
+        else:
+            drainrequest.withdraw(path)
+    except OSError as exc:
+        what = f"cannot {'create' if drain else 'remove'} the drain request {path}: {exc.strerror}"
+        if isinstance(exc, PermissionError):
+            raise PrivilegeError(f"{what} (run as root or as echod's user)") from None
+        raise EchodError(what) from None
+    try:
+        _wait(lambda: master.scoreboard.master().draining == drain or None, args.timeout)
+    except Timeout:
+        return _fail(
+            f"echod (pid {master.pid}) did not show the change within {args.timeout:g}s "
+            f"(an echod older than drain ignores {path})"
+        )
+    if drain:
+        print(f"draining: /readyz answers 503, echod (pid {master.pid}) serves as before")
+    else:
+        print(f"ready again: /readyz answers 200 (pid {master.pid})")
     return exitcodes.OK

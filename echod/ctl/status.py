@@ -18,7 +18,8 @@ from echod.ctl import watch
 from echod.ctl.options import positive_float, positive_int
 from echod.ctl.output import aligned, human_bytes
 from echod.ctl.target import find_master
-from echod.scoreboard import Counter, SlotView, State
+from echod.scoreboard import Counter, MasterView, SlotView, State
+from echod.scoreboard import MasterStatus as ScoreboardStatus
 
 CPU_SAMPLE_SECONDS = 0.2
 WATCH_DEFAULT_S, WATCH_MIN_S, WATCH_MAX_S = 2.0, 0.1, 3600.0
@@ -60,6 +61,15 @@ class MasterStatus:
     generation: int
     cpu_percent: float
     rss_bytes: int
+    state: str  # serving, draining (echoctl drain), shutting_down, stopping, starting
+    config_last_reload_successful: bool
+    config_last_reload_success: str  # when the configuration last loaded (ISO 8601)
+
+
+def _master_state(view: MasterView) -> str:
+    if view.status is ScoreboardStatus.SERVING and view.draining:
+        return "draining"
+    return view.status.name.lower()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -123,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         generation=view.generation,
         cpu_percent=cpu.get(master.pid, 0.0),
         rss_bytes=_rss(processes.get(master.pid)),
+        state=_master_state(view),
+        config_last_reload_successful=view.last_reload_successful,
+        config_last_reload_success=_iso(view.last_config_load) if view.last_config_load else "",
     )
     workers = [
         _worker_status(slot, processes.get(slot.pid), cpu.get(slot.pid, 0.0), now_wall, now_mono)
@@ -253,12 +266,21 @@ def human_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+_STATE_TEXT = {
+    "draining": "draining (/readyz 503, serving as before; echoctl undrain ends it)",
+    "shutting_down": "shutting down (shutdown_delay: not ready, still serving)",
+}
+
+
 def _render(master: MasterStatus, workers: list[WorkerStatus], totals: dict[str, float]) -> str:
     lines = [
         f"echod {master.version} running: master pid {master.pid}, generation "
         f"{master.generation}, up {human_duration(master.uptime_s)} (since {master.started})",
         f"code started {master.code_started}; master CPU {master.cpu_percent:.1f}%, "
         f"RSS {human_bytes(master.rss_bytes)}",
+        f"state: {_STATE_TEXT.get(master.state, master.state)}; last reload "
+        f"{'ok' if master.config_last_reload_successful else 'FAILED'}, configuration "
+        f"loaded {master.config_last_reload_success or '?'}",
         f"{len(workers)} worker(s), {totals['active']} open connection(s); since start: "
         f"{totals['connections']} connections, {human_bytes(totals['bytes_in'])} in, "
         f"{human_bytes(totals['bytes_out'])} out",

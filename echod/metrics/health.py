@@ -7,7 +7,8 @@ recent. STALE_AFTER is 5 s: a few idle ticks of 1 s plus room for a busy
 2-core machine, short enough for a Kubernetes liveness probe to notice a hung
 (or SIGSTOPped) master within one probe period.
 
-readyz: the master serves (status SERVING) and at least one worker slot is
+readyz: the master serves (status SERVING), is not draining (``echoctl drain``)
+and at least one worker slot is
 READY or RETIRING (still serving) with a fresh heartbeat.
 """
 
@@ -46,6 +47,8 @@ def readyz(snapshot: Snapshot, master_pid: int, now: float | None = None) -> tup
         return 503, "not ready: master not healthy\n"
     if snapshot.master.status is not MasterStatus.SERVING:
         return 503, NOT_READY.get(snapshot.master.status, "not ready: starting") + "\n"
+    if snapshot.master.draining:
+        return 503, "not ready: draining (echoctl undrain)\n"
     if not any(
         slot.state in SERVING_STATES and now - slot.heartbeat <= WORKER_STALE_AFTER
         for slot in snapshot.slots

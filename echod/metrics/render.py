@@ -213,6 +213,17 @@ def collect(
         gauge("echod_generation", "Configuration generation (1 at start, +1 per reload)").add(
             master.generation
         ),
+        gauge("echod_draining", "1 while drained by echoctl drain (/readyz 503), else 0").add(
+            int(master.draining)
+        ),
+        gauge(
+            "echod_config_last_reload_successful",
+            "Whether the last configuration reload (HUP) loaded (1) or not (0)",
+        ).add(int(master.last_reload_successful)),
+        gauge(
+            "echod_config_last_reload_success_timestamp_seconds",
+            "When the configuration last loaded successfully (start, upgrade or reload)",
+        ).add(master.last_config_load),
     ]
     workers = gauge("echod_workers", "Worker processes by state")
     for state in WORKER_STATES:

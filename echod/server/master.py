@@ -28,7 +28,7 @@ from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, MasterStatus, Scoreboard, State, WorkerSlot
-from echod.server import access
+from echod.server import access, reload_report
 from echod.server.children import (
     MASTER_SIGNALS,
     Children,
@@ -36,6 +36,7 @@ from echod.server.children import (
     RestartBackoff,
     describe_exit,
 )
+from echod.server.drain_switch import DrainSwitch
 from echod.server.listeners import Listener, reconcile, size_receive_buffers
 from echod.server.phases import (
     WORKER_MOVES,
@@ -65,6 +66,7 @@ class Hooks:
     on_stopping: Callable[[Master], None] = lambda master: None
     on_shutting_down: Callable[[Master], None] = lambda master: None
     on_tick: Callable[[Master], None] = lambda master: None
+    on_drain: Callable[[Master], None] = lambda master: None  # echoctl drain / undrain
 
 
 class Helper(Protocol):
@@ -133,11 +135,14 @@ class Master:
         )
         self.signals: SignalQueue | None = None
         self.alive_read = self.alive_write = -1
+        self.drain = DrainSwitch(str(self.pidfile.path), self.scoreboard)
 
     def open(self) -> None:
         """The master-alive pipe (or the adopted one) and the signal handlers."""
+        self.scoreboard.config_loaded(True, time.time())
         if self.handoff is None:
             self.alive_read, self.alive_write = os.pipe2(os.O_CLOEXEC)
+            self.drain.forget_stale()
         else:
             self.alive_read, self.alive_write = self.handoff.alive_read, self.handoff.alive_write
             os.set_inheritable(self.alive_read, False)
@@ -167,7 +172,7 @@ class Master:
                 adopted.pid, adopted.worker_id, adopted.generation, started, WorkerPhase.SERVING
             )
             if adopted.dismissed:  # was draining already: give it a fresh deadline
-                worker.move(WorkerPhase.DRAINING, now + self.config.graceful_timeout + 1.0)
+                worker.move(WorkerPhase.DRAINING, now + self.config.reload_limit + 1.0)
             self.workers[adopted.pid] = worker
         self.generation = handoff.generation + 1
         self.desired = handoff.desired
@@ -252,6 +257,8 @@ class Master:
         self._enforce_retire_deadlines(now)
         self.upgrade.watch(now, self.children.kill)
         if self.phase is not MasterPhase.STOPPING:
+            if self.drain.follow():
+                self.hooks.on_drain(self)
             self._read_scoreboard()
             self._recycle_replaced_workers()
             self._spawn_missing(now)
@@ -445,16 +452,23 @@ class Master:
             for worker in self.workers.values():
                 self.children.kill(worker.pid, signal.SIGKILL)
 
-    def _retire(self, worker: WorkerProcess, graceful: bool = True) -> None:
-        """Send a worker away: drain (TERM) or quit fast (QUIT), within a deadline."""
+    def _retire(self, worker: WorkerProcess, graceful: bool = True, limit: float = -1.0) -> None:
+        """Send a worker away: drain (TERM) for `limit` seconds (default: graceful_timeout;
+        math.inf: never forced) or quit fast (QUIT), within a deadline."""
         to = WorkerPhase.DRAINING if graceful else WorkerPhase.QUITTING
         if worker.phase is WorkerPhase.ABORTING:
             worker.dismissed = True  # SIGKILL is coming anyway; its exit is now expected
             return
-        if to not in WORKER_MOVES[worker.phase]:
+        limit = self.config.graceful_timeout if limit < 0 else limit
+        deadline = time.monotonic() + (limit + 1.0 if graceful else FAST_STOP_GRACE)
+        if graceful and worker.phase is WorkerPhase.DRAINING and deadline < worker.deadline:
+            worker.deadline = deadline  # a stop while a reload's longer drain runs
+        elif to not in WORKER_MOVES[worker.phase]:
             return  # already on its way out at least as fast
-        grace = self.config.graceful_timeout + 1.0 if graceful else FAST_STOP_GRACE
-        worker.move(to, time.monotonic() + grace)
+        else:
+            worker.move(to, deadline)
+        if graceful:  # the worker reads its limit in its slot when the TERM lands
+            self.scoreboard.set_drain_timeout(worker.slot, limit)
         self.children.kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     # -- reload, scaling, recycling ------------------------------------------------
@@ -469,6 +483,7 @@ class Master:
             change = reconcile(self.listeners, new_config.addresses, new_config.backlog)
         except EchodError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            self.scoreboard.config_loaded(False, 0.0)
             self.scoreboard.count_event(MasterCounter.RELOADS_FAILED)
             self.hooks.on_ready(self)
             return
@@ -478,6 +493,8 @@ class Master:
             log.info("no longer listening on %s", listener.bound)
             listener.close()
         self.listeners = change.listeners
+        new_config = reload_report.report(self.config, new_config)
+        self.scoreboard.config_loaded(True, time.time())
         self._reconfigure_logging(new_config)
         self.config = new_config
         self._size_receive_buffers()
@@ -497,7 +514,7 @@ class Master:
             return
         for worker in list(self.workers.values()):
             if worker.generation < self.generation:
-                self._retire(worker)
+                self._retire(worker, limit=self.config.reload_limit)
         reloaded = self.phase is MasterPhase.RELOADING
         self._move(MasterPhase.RUNNING)
         log.info(
@@ -517,7 +534,7 @@ class Master:
         self.desired = count
         surplus = sorted(self._current(), key=lambda w: w.worker_id)[count:]
         for worker in surplus:
-            self._retire(worker)
+            self._retire(worker, limit=self.config.reload_limit)
 
     def _read_scoreboard(self) -> None:
         """What the current workers said: ready, or asking to be replaced (recycling)."""

@@ -184,6 +184,7 @@ class SystemdHooks:
             on_stopping=self.on_stopping,
             on_shutting_down=self.on_shutting_down,
             on_tick=self.on_tick,
+            on_drain=self.on_drain,
         )
 
     def on_ready(self, master: Master) -> None:
@@ -206,6 +207,11 @@ class SystemdHooks:
         if not self.stopping_sent:  # no delay, or INT/QUIT: STOPPING=1 now
             self.stopping_sent = True
             self.notifier.stopping()
+
+    def on_drain(self, master: Master) -> None:
+        """At once, not at the next STATUS_INTERVAL: systemctl status says why /readyz fails."""
+        self.next_status = 0.0
+        self.on_tick(master)
 
     def on_tick(self, master: Master) -> None:
         now = time.monotonic()
@@ -230,6 +236,8 @@ def _status_line(master: Master) -> str:
     if master.phase is MasterPhase.SHUTTING_DOWN:
         left = max(0.0, master.shutdown_ends - time.monotonic())
         return f"shutting down: not ready, still serving for {left:.0f} s; {line}"
+    if master.drain.draining:
+        return f"draining: not ready, still serving (echoctl undrain); {line}"
     return line
 
 

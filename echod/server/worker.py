@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
+import math
 import os
 import select
 import signal
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname, rundir
@@ -45,6 +47,7 @@ from echod.scoreboard import (
 )
 from echod.server.access import format_peer
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
+from echod.server.drain import DrainSchedule
 from echod.server.listeners import Listener
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.signals import SignalQueue
@@ -210,6 +213,7 @@ class Worker:
         self.capacity_paused = False
         self.draining = False
         self.drain_deadline = 0.0
+        self.drain_schedule = DrainSchedule(config.close_spread)
         self.stopping = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -355,6 +359,7 @@ class Worker:
             self.stopping = True
 
     def _housekeeping(self, now: float) -> None:
+        next_close = self._spread_closes(now) if self.draining else math.inf
         if self.idle_wheel:
             self._expire_idle(now)
         if self.lifetime_wheel:
@@ -376,7 +381,7 @@ class Worker:
             self._check_memory(now)
         self._publish(now)
         self.error_log.flush()
-        next_tick = now + self.heartbeat_interval
+        next_tick = min(now + self.heartbeat_interval, next_close)
         if self.memory_limit is not None:
             next_tick = min(next_tick, self.memory_limit.next_sample)
         for wheel in (self.idle_wheel, self.lifetime_wheel):
@@ -424,12 +429,15 @@ class Worker:
             # HUP, TTIN, TTOU, USR2 are the master's business
 
     def _start_draining(self, why: str) -> None:
-        if self.draining:
+        now = time.monotonic()
+        # the master wrote our limit before its TERM: reload_timeout or graceful_timeout
+        limit = self.slot.drain_timeout() or self.config.graceful_timeout
+        self.drain_deadline = self.drain_schedule.begin(now, limit)
+        self.next_housekeeping = 0.0
+        if self.draining:  # a stop while a reload's drain runs: only ever sooner
             return
         log.info("draining (%s): %d connection(s) open", why, len(self.connections))
         self.draining = True
-        now = time.monotonic()
-        self.drain_deadline = now + self.config.graceful_timeout
         self._pause_accepting()
         for listener in self.listeners.values():
             # EPOLLEXCLUSIVE may have woken only us for connections already queued:
@@ -439,7 +447,14 @@ class Worker:
             listener.close(unlink=False)  # our copy only: the master owns the socket
         self.listeners.clear()
         self.slot.set_state(State.DRAINING)
-        self.next_housekeeping = 0.0
+
+    def _spread_closes(self, now: float) -> float:
+        """close_spread: close the connections due now; return when more are due."""
+        count, next_close = self.drain_schedule.due(now, len(self.connections))
+        for conn in list(islice(self.connections.values(), count)):
+            _shutdown_gently(conn.sock)
+            self._close(conn, Counter.CLOSED_SHUTDOWN)
+        return next_close
 
     def _check_memory(self, now: float) -> None:
         assert self.memory_limit is not None

@@ -7,6 +7,7 @@ by pid. It must be installed (.ci/run installs it): missing, these tests fail.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -225,3 +226,46 @@ def test_usr2_upgrade_of_both_fails_no_connection(two_behind_haproxy) -> None:
     assert attempted >= 100
     assert failed == 0, errors[:5]
     assert all(b.process is not None and b.process.proc.poll() is None for b in backends)
+
+
+def _echod_totals(backend: Backend) -> dict[str, float]:
+    result = run_echoctl("--runtime-dir", backend.runtime_dir, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["totals"]
+
+
+def test_echoctl_drain_takes_a_backend_out_of_rotation_and_keeps_its_conversations(
+    two_behind_haproxy,
+) -> None:
+    haproxy, backends = two_behind_haproxy
+    drained = backends[0]
+    with ClientLoad("127.0.0.1", haproxy.port, churners=4, held=10, max_seconds=120) as load:
+        load.wait_for_progress(50)
+        asked = time.monotonic()
+        result = run_echoctl("--runtime-dir", drained.runtime_dir, "drain")
+        assert result.returncode == 0, result.stderr
+        haproxy.wait_down(drained.name)
+        out_of_rotation = time.monotonic() - asked
+        time.sleep(0.5)  # connections HAProxy dispatched before it marked the server down
+        totals = _echod_totals(drained)
+        accepted = totals["connections"]
+        held_there = totals["active"]  # leastconn spread the held ones over both backends
+        attempted, roundtrips = load.report.attempted, load.report.held_roundtrips
+        load.wait_for_progress(attempted + 300)
+        assert _echod_totals(drained)["connections"] == accepted  # new ones: the other only
+        still_held = _echod_totals(drained)["active"]
+        roundtrips_while_drained = load.report.held_roundtrips - roundtrips
+    report = load.report
+    print(
+        f"drain through haproxy: out of rotation after {out_of_rotation:.2f}s; "
+        f"attempted={report.attempted} failed={report.failed} "
+        f"(after the drain: {report.attempted - attempted}); held conversations on the "
+        f"drained backend {held_there:.0f} -> {still_held:.0f}, "
+        f"{roundtrips_while_drained} held round trips while drained"
+    )
+    assert out_of_rotation < 5  # inter x fall = 1 s, plus a busy machine's slack
+    assert report.failed == 0, report.errors[:5]
+    assert held_there >= 1
+    assert still_held == held_there  # its conversations stayed open...
+    assert roundtrips_while_drained > 0  # ...and kept echoing
+    assert drained.process is not None and drained.process.proc.poll() is None

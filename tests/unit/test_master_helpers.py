@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from support.master import FakeChildren, fake_master, started
 
+from echod import drainrequest
 from echod.config import Config
 from echod.scoreboard import Scoreboard
 from echod.server.children import Inheritance
@@ -143,3 +144,24 @@ def test_term_without_a_delay_sends_stopping_once(tmp_path: Path, board: Scorebo
     master.stop(graceful=True)
     master.stop(graceful=False)  # INT after TERM
     assert [key for message in SENT for key in message] == ["STOPPING"]
+
+
+def test_a_drain_request_changes_the_status_line_at_once(tmp_path: Path, board: Scoreboard) -> None:
+    notifier = RecordingNotifier(address="@echod-test")
+    systemd = SystemdHooks(notifier, reporter=None)
+    master = fake_master(Config(workers=1, runtime_dir=str(tmp_path)), board, systemd.hooks())
+    now = time.monotonic()
+    started(master, now)
+    SENT.clear()
+    drainrequest.request(drainrequest.drain_request_path(str(tmp_path / "echod.pid")))
+    master._supervise(now)  # within the status interval: sent anyway
+    assert SENT == [
+        {
+            "STATUS": "draining: not ready, still serving (echoctl undrain); 1 worker(s) serving,"
+            " 0 connection(s), generation 1"
+        }
+    ]
+    assert board.master().draining
+    drainrequest.withdraw(drainrequest.drain_request_path(str(tmp_path / "echod.pid")))
+    master._supervise(now)
+    assert SENT[-1]["STATUS"].startswith("1 worker(s) serving") and not board.master().draining

@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/echoctl
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_echoctl_subparsers=(send check bench status reload stop scale reopen-logs upgrade)
+_shtab_echoctl_subparsers=(send check bench status reload stop scale reopen-logs upgrade drain undrain)
 
 _shtab_echoctl_send_option_strings=(-h --help -H --host -p --port --udp -c --count -i --interval -s --size -W --timeout --seed --connect-each --json -q --quiet --runtime-dir --pidfile)
 _shtab_echoctl_check_option_strings=(-h --help -H --host -p --port -w --warning -c --critical -t --timeout --udp -n --count -s --size --loss-warn --loss-crit --runtime-dir --pidfile)
@@ -16,12 +16,14 @@ _shtab_echoctl_stop_option_strings=(-h --help --timeout --fast --runtime-dir --p
 _shtab_echoctl_scale_option_strings=(-h --help --timeout --runtime-dir --pidfile)
 _shtab_echoctl_reopen_logs_option_strings=(-h --help --timeout --runtime-dir --pidfile)
 _shtab_echoctl_upgrade_option_strings=(-h --help --timeout --runtime-dir --pidfile)
+_shtab_echoctl_drain_option_strings=(-h --help --timeout --runtime-dir --pidfile)
+_shtab_echoctl_undrain_option_strings=(-h --help --timeout --runtime-dir --pidfile)
 _shtab_echoctl_option_strings=(-h --help --version --runtime-dir --pidfile)
 
 
 
 _shtab_echoctl_bench___mode_choices=(rr stream)
-_shtab_echoctl_pos_0_choices=(send check bench status reload stop scale reopen-logs upgrade)
+_shtab_echoctl_pos_0_choices=(send check bench status reload stop scale reopen-logs upgrade drain undrain)
 
 _shtab_echoctl_send__h_nargs=0
 _shtab_echoctl_send___help_nargs=0
@@ -53,6 +55,10 @@ _shtab_echoctl_reopen_logs__h_nargs=0
 _shtab_echoctl_reopen_logs___help_nargs=0
 _shtab_echoctl_upgrade__h_nargs=0
 _shtab_echoctl_upgrade___help_nargs=0
+_shtab_echoctl_drain__h_nargs=0
+_shtab_echoctl_drain___help_nargs=0
+_shtab_echoctl_undrain__h_nargs=0
+_shtab_echoctl_undrain___help_nargs=0
 _shtab_echoctl_pos_0_nargs=A...
 _shtab_echoctl__h_nargs=0
 _shtab_echoctl___help_nargs=0

@@ -123,6 +123,14 @@ check "workers run" poll "$POLL_SECONDS" has_workers "$master"
 check "TCP echo on 127.0.0.1:7" echo_works tcp
 check "UDP echo on 127.0.0.1:7" echo_works udp
 
+# ------------------------------------------------------ echoctl drain (28) --
+# the STATUS= line says so at once; the state holds across the reload and the
+# upgrade below and ends with echoctl undrain after them
+status_says() { systemctl show -p StatusText --value "$UNIT" | grep -q "$1"; }
+check "echoctl drain" /opt/echod/bin/echoctl drain
+check "systemd status line says draining" poll "$POLL_SECONDS" status_says '^draining: not ready'
+check "TCP echo while draining" echo_works tcp
+
 # ----------------------------------------------------------------- reload --
 before=$(workers_of "$master")
 check "systemctl reload echod" systemctl reload "$UNIT"
@@ -140,6 +148,9 @@ check "active after upgrade" is_active "$UNIT"
 check "pidfile still names MainPID after upgrade" pidfile_names_main_pid
 check "TCP echo after upgrade" echo_works tcp
 check "UDP echo after upgrade" echo_works udp
+check "still draining after reload and upgrade" status_says '^draining: not ready'
+check "echoctl undrain" /opt/echod/bin/echoctl undrain
+check "systemd status line no longer says draining" poll "$POLL_SECONDS" status_says '^[0-9]* worker(s) serving'
 
 # ------------------------------------------------------------------- stop --
 check "systemctl stop echod" systemctl stop "$UNIT"
