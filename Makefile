@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean soak generated
+.PHONY: run test lint format venv clean soak generated deb dist
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,26 @@ lint: venv
 generated: venv
 	PYTHONPATH=tools $(BIN)/python -m docgen
 
+# The Debian package, with Debian's own tools, on Debian 12 (build dependencies:
+# `apt-get build-dep .`; no venv needed). dpkg-buildpackage writes its results
+# next to the source directory; they are moved to dist/.
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version 2>/dev/null)
+deb:
+	dpkg-buildpackage -b -us -uc
+	mkdir -p dist
+	mv ../echod_$(DEB_VERSION)_all.deb ../echod_$(DEB_VERSION)_*.buildinfo \
+		../echod_$(DEB_VERSION)_*.changes dist/
+	@echo "built dist/echod_$(DEB_VERSION)_all.deb"
+
+# The wheel and the sdist in dist/, checked by twine (--strict: the README must
+# render on PyPI, every required metadata field present).
+dist: venv
+	rm -rf dist/echod-*.tar.gz dist/echod-*.whl
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/echod-*.tar.gz dist/echod-*.whl
+
 format: venv
 	$(BIN)/ruff format echod tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
+	rm -rf $(VENV) build dist .pybuild *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

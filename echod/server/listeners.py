@@ -16,6 +16,7 @@ from typing import Any
 
 from echod.addresses import Address, Transport, format_host_port, parse_address
 from echod.errors import BindError
+from echod.system.systemd import listen_fds
 
 SOCK_DGRAM = int(socket.SOCK_DGRAM)
 
@@ -271,8 +272,6 @@ def take_activated_sockets(
     for the same transport and port, either side's wildcard: the shipped socket unit
     listens on [::]:7 while the config names 127.0.0.1:7.
     """
-    from echod.system.systemd import listen_fds
-
     inherited = listen_fds()
     if not inherited:
         return {}, []

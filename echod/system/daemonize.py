@@ -30,8 +30,6 @@ import time
 from collections.abc import Sequence
 from typing import IO, NoReturn
 
-import daemon
-
 from echod import exitcodes
 
 DEFAULT_READY_TIMEOUT_SECONDS = 30.0
@@ -134,6 +132,13 @@ def launch_daemon(
 def _enter_daemon_context(
     *, files_preserve: list[int], umask: int, working_directory: str, stderr: IO[str] | None
 ) -> None:
+    # Imported here, where echod daemonizes, and not at start-up: the foreground
+    # path (systemd, containers) never needs it, and python-daemon before 3.0.1
+    # builds a set of every possible descriptor at import (87 MB at a limit of
+    # 1,048,576). The master is not yet serving: no in-place upgrade can have
+    # replaced files under it.
+    import daemon
+
     with open(os.devnull, "r+") as devnull:
         context = daemon.DaemonContext(
             detach_process=True,

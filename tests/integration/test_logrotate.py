@@ -40,7 +40,7 @@ def _derived_config(logs: Path, runtime_dir: Path) -> str:
     text = SHIPPED.read_text()
     assert "/var/log/echod/*.log" in text
     text = text.replace("/var/log/echod/*.log", f"{logs}/*.log")
-    command = re.search(r"^\s*(/\S*echoctl .*)$", text, re.MULTILINE)
+    command = re.search(r"^\s*(echoctl .*)$", text, re.MULTILINE)  # a bare name: on PATH
     assert command, "postrotate calls echoctl"
     ours = f"{sys.executable} -m echod.ctl.main --runtime-dir {runtime_dir} reopen-logs"
     text = text.replace(command.group(1), ours)
