@@ -30,8 +30,8 @@ soak: venv
 # All run even when one fails, so one run shows every problem; lint fails if any did.
 lint: venv
 	@status=0; \
-	$(BIN)/ruff check echod tests benchmarks tools || status=1; \
-	$(BIN)/ruff format --check echod tests benchmarks tools || status=1; \
+	$(BIN)/ruff check echod tests benchmarks tools container || status=1; \
+	$(BIN)/ruff format --check echod tests benchmarks tools container || status=1; \
 	$(BIN)/lint-imports --no-logo || status=1; \
 	$(BIN)/vulture || status=1; \
 	exit $$status
@@ -80,7 +80,7 @@ dist: venv
 	$(BIN)/twine check --strict dist/echod-*.tar.gz dist/echod-*.whl
 
 format: venv
-	$(BIN)/ruff format echod tests benchmarks tools
+	$(BIN)/ruff format echod tests benchmarks tools container
 
 clean:
 	rm -rf $(VENV) build dist .pybuild *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
