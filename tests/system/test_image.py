@@ -225,6 +225,26 @@ def test_podman_stop_exits_0_at_once(image: str, containers: list[str]) -> None:
     assert json_log_lines(name)[-1]["msg"] == "echod stopped"
 
 
+def test_podman_stop_with_a_client_holding_on_exits_0_before_podman_kills(
+    image: str, containers: list[str]
+) -> None:
+    """A client that never closes: echod closes it after graceful_timeout (8 s in the
+    image) and exits 0, before podman's SIGKILL (10 s after TERM)."""
+    name, echo, _ = host_run(image, containers)
+    with socket.create_connection(("127.0.0.1", echo), timeout=30) as held:
+        held.sendall(b"still here")
+        assert held.recv(100) == b"still here"
+        started = time.monotonic()
+        podman("stop", name)
+        took = time.monotonic() - started
+        closed = held.recv(100)
+    exit_code = int(inspect(name, "{{.State.ExitCode}}"))
+    print(f"# podman stop, one client holding on: {took:.2f} s, exit code {exit_code}")
+    assert closed == b""  # closed by echod, not reset by a kill
+    assert exit_code == 0
+    assert 6 < took < 10, took
+
+
 def test_master_memory_does_not_grow_with_the_descriptor_limit(
     image: str, containers: list[str], tmp_path: Path
 ) -> None:
