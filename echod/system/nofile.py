@@ -18,6 +18,7 @@ from dataclasses import dataclass
 # Descriptors a worker opens beyond its clients: epoll, timers, UDP sockets, the
 # access log, a stack dump... on top of what it inherits from the master.
 RESERVE = 64
+UNLIMITED = 1 << 62  # stands for RLIM_INFINITY in comparisons
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,15 @@ class NofilePlan:
 
 
 def plan(max_connections: int, open_now: int, soft: int, hard: int) -> NofilePlan:
-    """Pure: the soft limit to set; RLIM_INFINITY counts as unlimited."""
+    """Pure: the soft limit to set. RLIM_INFINITY (-1 in Python) counts as unlimited."""
+    soft, hard = _finite(soft), _finite(hard)
     own = open_now + RESERVE
     wanted = max_connections + own
-    ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    granted = wanted if soft == resource.RLIM_INFINITY else max(soft, ceiling)
-    return NofilePlan(soft, hard, wanted, granted, own)
+    return NofilePlan(soft, hard, wanted, max(soft, min(wanted, hard)), own)
+
+
+def _finite(limit: int) -> int:
+    return UNLIMITED if limit == resource.RLIM_INFINITY else limit
 
 
 def open_descriptors() -> int:
@@ -60,9 +64,9 @@ def raise_nofile(max_connections: int) -> NofilePlan:
     """Raise the soft RLIMIT_NOFILE for ``max_connections`` per worker, up to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     result = plan(max_connections, open_descriptors(), soft, hard)
-    if result.granted != soft and soft != resource.RLIM_INFINITY:
+    if result.granted > result.soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (result.granted, hard))
         except (OSError, ValueError):  # a seccomp filter or an odd kernel cap (nr_open)
-            return NofilePlan(soft, hard, result.wanted, soft, result.own)
+            return NofilePlan(result.soft, result.hard, result.wanted, result.soft, result.own)
     return result
