@@ -14,7 +14,6 @@ only its own part of the tree); the tightest one wins.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +105,7 @@ class CgroupView:
                 continue
             if path is not None:
                 dirs.append(self._directory(hierarchy, path))
-        return list(dict.fromkeys(dirs))  # a hierarchy mounted twice counts once
+        return list(dict.fromkeys(dirs))  # the same directory once
 
     def path_up(self, controller: str) -> list[Path]:
         """Own cgroup directories first, then each ancestor up to its mount point."""
@@ -123,8 +122,9 @@ class CgroupView:
 
     def _directory(self, hierarchy: Hierarchy, path: str) -> Path:
         mount = Path(self.fsroot, hierarchy.mount_point.lstrip("/"))
-        root = hierarchy.mount_root.rstrip("/") or ""
-        if path == root or path.startswith(root + "/"):
+        root = hierarchy.mount_root.rstrip("/")
+        inside = ".." not in path.split("/")
+        if inside and (path == root or path.startswith(root + "/")):
             relative = path[len(root) :].strip("/")
             return mount / relative if relative else mount
         # our cgroup is outside what is mounted (a cgroup namespace shows "/" or
@@ -264,17 +264,11 @@ def _number(path: Path) -> int | None:
 def human_bytes(count: int | None) -> str:
     if count is None:
         return "unknown"
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{count} B"  # pragma: no cover - the loop always returns
-
-
-def affinity() -> int:
-    """CPUs this process may run on (taskset, cpusets); the CPU count where unknown."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - Linux has it
-        return os.cpu_count() or 1
+    if count < 1024:
+        return f"{count} B"
+    size, unit = count / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"

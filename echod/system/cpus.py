@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from echod.system.cgroups import CgroupView, affinity, cpus_for_quota, tightest_cpu_quota
+from echod.system.cgroups import CgroupView, cpus_for_quota, tightest_cpu_quota
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ def worker_count(configured: int, view: CgroupView | None = None) -> WorkerCount
     if configured > 0:
         return WorkerCount(configured, f"workers = {configured} in the configuration")
     return auto_worker_count(affinity(), os.cpu_count() or 1, view or CgroupView.of_this_process())
+
+
+def affinity() -> int:
+    """CPUs this process may run on (taskset, cpusets); the CPU count where unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - Linux has it
+        return os.cpu_count() or 1
 
 
 def auto_worker_count(allowed: int, online: int, view: CgroupView) -> WorkerCount:

@@ -127,6 +127,11 @@ def test_a_container_sees_only_its_own_cgroup_mounted(tmp_path: Path) -> None:
     assert quota is not None and quota.cpus == 2.0
 
 
+def test_a_cgroup_outside_the_namespace_falls_back_to_the_mount_point(tmp_path: Path) -> None:
+    own = view(tmp_path, V2_MOUNTINFO, "0::/../../other\n")
+    assert own.own_dirs("cpu") == [tmp_path / "sys/fs/cgroup"]
+
+
 def test_a_bind_mounted_subtree_maps_paths_below_its_root(tmp_path: Path) -> None:
     # docker without a cgroup namespace on v1: the mount root is the container's cgroup
     mountinfo = "32 31 0:29 /docker/abc /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
