@@ -168,7 +168,7 @@ class Master:
         procname.set_title(f"master ({', '.join(str(a) for a in self.config.bind)})")
         self._publish_master()
         self._announce_listeners()
-        self._fit_the_machine()
+        self._fit_the_machine(announce=self.handoff is None)  # an upgrade keeps its count
         self._supervise(time.monotonic())  # the first workers start now, not a tick later
         while True:
             for signum in self._wait_for_signals(self._next_tick()):
@@ -180,9 +180,9 @@ class Master:
         self._cleanup()
         return self.exit_code
 
-    def _fit_the_machine(self) -> None:
-        """Before the first fork: workers for the CPUs, descriptors for the connections."""
-        if self.handoff is None:  # an upgrade keeps the count it was handed
+    def _fit_the_machine(self, announce: bool) -> None:
+        """Before a generation forks: workers for the CPUs, descriptors for the connections."""
+        if announce:
             fitting.announce_workers(self.sizing)
         self.descriptors.fit(self.config)
         fitting.fit_receive_buffers(self.listeners, self.config)
@@ -347,15 +347,13 @@ class Master:
         now = time.monotonic()
         lifetime = now - worker.started
         hung = worker.phase is WorkerPhase.ABORTING and not oom
+        died = describe_exit(status)
         if oom:
             reason, how = MasterCounter.RESTARTS_OOM, oom
         elif hung:
-            reason, how = (
-                MasterCounter.RESTARTS_TIMEOUT,
-                f"{describe_exit(status)} after worker_timeout",
-            )
+            reason, how = MasterCounter.RESTARTS_TIMEOUT, f"{died} after worker_timeout"
         else:
-            reason, how = MasterCounter.RESTARTS_CRASHED, f"{describe_exit(status)} unexpectedly"
+            reason, how = MasterCounter.RESTARTS_CRASHED, f"{died} unexpectedly"
         self.scoreboard.count_event(reason)
         log.error(
             "worker %d (pid %d) %s after %.1fs; replacing it",
@@ -489,9 +487,7 @@ class Master:
         self.config = new_config
         self.sizing = fitting.workers_for(new_config)  # a quota may have changed too
         self.desired = self.sizing.count
-        fitting.announce_workers(self.sizing)
-        self.descriptors.fit(new_config)  # before the new generation forks
-        fitting.fit_receive_buffers(self.listeners, new_config)
+        self._fit_the_machine(announce=True)
         self.generation += 1
         self._move(MasterPhase.RELOADING)
         self._publish_master()
