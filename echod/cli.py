@@ -83,7 +83,13 @@ def build_parser() -> ArgumentParser:
         help="listen address: HOST:PORT, [V6]:PORT, unix:PATH, udp://HOST:PORT or fd://N "
         "(repeatable; replaces the config's list; default 127.0.0.1:7007)",
     )
-    add("-w", "--workers", metavar="N", type=_integer, help="worker processes (default: CPUs)")
+    add(
+        "-w",
+        "--workers",
+        metavar="N",
+        type=_integer,
+        help="worker processes (default: the CPUs echod may use)",
+    )
     add(
         "-F",
         "--foreground",

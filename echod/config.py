@@ -124,7 +124,8 @@ DEFAULT_UDP_RECEIVE_BUFFER = 1 << 20
 @dataclass(frozen=True)
 class Config:
     bind: tuple[str, ...] = _key(list, _binds, default=("127.0.0.1:7007",))
-    workers: int = _key(int, _between(1, MAX_WORKERS), default=lambda: os.cpu_count() or 1)
+    # 0: from the CPUs echod may use (affinity, cgroup CPU quota; see echod.system.cpus)
+    workers: int = _key(int, _between(0, MAX_WORKERS), default=0)
     backlog: int = _key(int, _between(1, 65535), default=1024)
     graceful_timeout: float = _key(float, _non_negative, default=30.0)
     # workers retired by HUP, USR2 and TTOU (graceful_timeout stays the stop's)
@@ -207,11 +208,22 @@ def _toml_value(name: str, value: Any) -> str:
     return repr(value)
 
 
-def coerce(name: str, value: Any, origin: str) -> Any:
-    """Check one key's type and range; return the value in the field's Python type."""
+def coerce(name: str, value: Any, origin: str, label: str = "") -> Any:
+    """Check one key's type and range; return the value in the field's Python type.
+
+    Errors name ``label`` where the value came from somewhere else than a key of
+    that name (the environment: ``ECHOD_WORKERS``)."""
     if name not in KEYS:
         raise ConfigError(f"{origin}: unknown key {name!r}{suggest_key(name)}")
-    meta = KEYS[name].metadata
+    value = _coerce_type(label or name, KEYS[name].metadata, value, origin)
+    check = KEYS[name].metadata["check"]
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{origin}: {label or name}: {problem}")
+    return value
+
+
+def _coerce_type(name: str, meta: Mapping[str, Any], value: Any, origin: str) -> Any:
     kind: type = meta["kind"]
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -239,10 +251,6 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{origin}: {name} must be a list of strings, not {value!r}")
         value = tuple(value)
-    check = meta["check"]
-    problem = check(value) if check else None
-    if problem:
-        raise ConfigError(f"{origin}: {name}: {problem}")
     return value
 
 
@@ -375,7 +383,8 @@ def load_config(
     for origin, layer in layers:
         for name, value in layer.items():
             if value is not None:
-                values[name] = coerce(name, value, origin)
+                label = f"{ENV_PREFIX}{name.upper()}" if origin == "environment" else ""
+                values[name] = coerce(name, value, origin, label)
     config = replace(Config(), **absolute_paths(values))
     if config.max_connections_per_child_jitter and not config.max_connections_per_child:
         raise ConfigError("max_connections_per_child_jitter needs max_connections_per_child")

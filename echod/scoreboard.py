@@ -124,6 +124,7 @@ class MasterCounter(IntEnum):
     UPGRADES_OK = 6
     UPGRADES_FAILED = 7
     UDP_DROPS_UNTRACKED = 8  # kernel drops of sockets pushed out of the retired table
+    RESTARTS_OOM = 9  # a worker killed by the kernel's OOM killer
 
 
 # Kernel drops per UDP socket (SO_RXQ_OVFL: cumulative per socket, shared by all

@@ -43,7 +43,8 @@ def start_echod(runtime_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ech
         env: dict[str, str] | None = None,
         wait: bool = True,
         foreground: bool = True,
-        nofile: int | None = None,
+        nofile: int | tuple[int, int] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> EchodProcess:
         argv = echod_command()
         if foreground:
@@ -64,7 +65,7 @@ def start_echod(runtime_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ech
         for address in bind or []:
             argv += ["-b", address]
         argv += list(args)
-        process = EchodProcess(argv, child_env(env), runtime_dir, nofile)
+        process = EchodProcess(argv, child_env(env), runtime_dir, nofile, preexec)
         started.append(process)
         if wait:
             process.wait_ready()

@@ -60,6 +60,7 @@ REJECTIONS = {
 }
 RESTARTS = {
     "crashed": MasterCounter.RESTARTS_CRASHED,
+    "oom": MasterCounter.RESTARTS_OOM,
     "timeout": MasterCounter.RESTARTS_TIMEOUT,
     "recycled": MasterCounter.RESTARTS_RECYCLED,
     "boot_failed": MasterCounter.RESTARTS_BOOT_FAILED,
@@ -394,6 +395,8 @@ def _master_process(pid: int, sampler: ProcessSampler, max_fds: int | None) -> l
             sample.open_fds
         ),
     ]
+    if max_fds is None:
+        max_fds = descriptor_limit(pid)
     if max_fds is not None:
         families.append(
             MetricFamily("process_max_fds", "gauge", "Master: file descriptor limit").add(max_fds)
@@ -401,7 +404,12 @@ def _master_process(pid: int, sampler: ProcessSampler, max_fds: int | None) -> l
     return families
 
 
-def descriptor_limit() -> int | None:
-    """RLIMIT_NOFILE, read in the metrics process (forked from the master: the same)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+def descriptor_limit(pid: int) -> int | None:
+    """The master's soft RLIMIT_NOFILE, read at each scrape: the master raises it
+    before forking and again when a reload needs more (prlimit: our own parent, same
+    user). Our own limit, inherited from it, where prlimit is refused."""
+    try:
+        soft, _ = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else soft

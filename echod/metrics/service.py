@@ -267,7 +267,7 @@ class MetricsHTTPServer(ThreadingMixIn, BaseServer):
         self.master_pid = master_pid
         self.client_slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.registry = render.registry_for(
-            render.ScoreboardCollector(board, render.ProcessSampler(), render.descriptor_limit())
+            render.ScoreboardCollector(board, render.ProcessSampler(), None)
         )
         self.render_lock = threading.Lock()  # the sampler keeps psutil objects between scrapes
         # poll, not select: no FD_SETSIZE ceiling on the descriptors we inherited

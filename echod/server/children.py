@@ -19,9 +19,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from echod.config import Config
+from echod.scoreboard import Scoreboard
 from echod.server.listeners import Listener
 from echod.server.signals import SignalQueue, blocked
+from echod.system.oom import raise_own_oom_score
 
 log = logging.getLogger("echod.master")
 
@@ -51,7 +55,9 @@ class Inheritance:
 
 
 def after_fork_in_child(inherited: Inheritance, keep: Sequence[Listener]) -> None:
-    """In every freshly forked child, before its own code: drop the master's things."""
+    """In every freshly forked child, before its own code: drop the master's things,
+    and volunteer to the OOM killer before the master (a child is replaced in a second)."""
+    raise_own_oom_score()
     inherited.signals.close()
     os.close(inherited.alive_write)
     inherited.close_in_child()
@@ -175,3 +181,33 @@ class RestartBackoff:
 
     def may_start(self, now: float) -> bool:
         return now >= self.not_before
+
+
+class Helper(Protocol):
+    """A process the master keeps running beside the workers (the metrics endpoint)."""
+
+    name: str  # its key in the upgrade hand-off
+
+    def attach(self, children: Children, scoreboard: Scoreboard) -> None:
+        """Once, before the first fork: how to start its process, and what it may read."""
+
+    def supervise(self, config: Config, stopping: bool, now: float) -> None:
+        """Every loop iteration: start (or restart) the process when needed."""
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        """A child that is not a worker was reaped; return True if it was ours."""
+        return False
+
+    def sockets(self) -> list[Listener]:
+        """Sockets it holds: no other child keeps them; daemonizing keeps them open."""
+        return []
+
+    def handoff_fds(self) -> dict[str, int]:
+        """Its sockets (address -> fd) to hand over across an in-place upgrade."""
+        return {}
+
+    def before_exec(self) -> None:
+        """The master is about to re-execute itself: stop the helper's process."""
+
+    def stop(self) -> None:
+        """The master is leaving."""

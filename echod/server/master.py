@@ -20,24 +20,24 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from echod import exitcodes, logs, procname
-from echod.config import DEFAULT_UDP_RECEIVE_BUFFER, MAX_WORKERS, Config
+from echod.config import MAX_WORKERS, Config
 from echod.errors import EchodError
 from echod.limits.admission import SharedLimits
 from echod.pidfile import PidFile
 from echod.scoreboard import MasterCounter, MasterStatus, Scoreboard, State, WorkerSlot
-from echod.server import access, reload_report
+from echod.server import access, fitting, reload_report
 from echod.server.children import (
     MASTER_SIGNALS,
     Children,
+    Helper,
     Inheritance,
     RestartBackoff,
     describe_exit,
 )
 from echod.server.drain_switch import DrainSwitch
-from echod.server.listeners import Listener, reconcile, size_receive_buffers
+from echod.server.listeners import Listener, reconcile
 from echod.server.phases import (
     WORKER_MOVES,
     MasterPhase,
@@ -48,6 +48,7 @@ from echod.server.phases import (
 from echod.server.signals import SignalQueue
 from echod.server.upgrade import AdoptedWorker, Handoff, Upgrade
 from echod.server.worker import WorkerIdentity, start_worker
+from echod.system.oom import OomWatch
 
 log = logging.getLogger("echod.master")
 
@@ -69,36 +70,6 @@ class Hooks:
     on_drain: Callable[[Master], None] = lambda master: None  # echoctl drain / undrain
 
 
-class Helper(Protocol):
-    """A process the master keeps running beside the workers (the metrics endpoint)."""
-
-    name: str  # its key in the upgrade hand-off
-
-    def attach(self, children: Children, scoreboard: Scoreboard) -> None:
-        """Once, before the first fork: how to start its process, and what it may read."""
-
-    def supervise(self, config: Config, stopping: bool, now: float) -> None:
-        """Every loop iteration: start (or restart) the process when needed."""
-
-    def child_exited(self, pid: int, status: int) -> bool:
-        """A child that is not a worker was reaped; return True if it was ours."""
-        return False
-
-    def sockets(self) -> list[Listener]:
-        """Sockets it holds: no other child keeps them; daemonizing keeps them open."""
-        return []
-
-    def handoff_fds(self) -> dict[str, int]:
-        """Its sockets (address -> fd) to hand over across an in-place upgrade."""
-        return {}
-
-    def before_exec(self) -> None:
-        """The master is about to re-execute itself: stop the helper's process."""
-
-    def stop(self) -> None:
-        """The master is leaving."""
-
-
 @dataclass
 class Master:
     config: Config
@@ -116,12 +87,15 @@ class Master:
     # created here, before any fork, so that every worker maps the same pages
     limits: SharedLimits = field(default_factory=SharedLimits)
     children: Children = field(default_factory=Children)
+    oom: OomWatch = field(default_factory=OomWatch)  # tells OOM kills from other SIGKILLs
 
     def __post_init__(self) -> None:  # bookkeeping only: the side effects wait for open()
         self.pid = os.getpid()
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
-        self.desired = self.config.workers
+        self.sizing = fitting.workers_for(self.config)
+        self.desired = self.sizing.count
+        self.descriptors = fitting.DescriptorLimit()
         self.phase = MasterPhase.RUNNING
         self.stop_deadline = 0.0
         self.shutdown_ends = 0.0  # SHUTTING_DOWN: when the graceful stop begins
@@ -194,7 +168,7 @@ class Master:
         procname.set_title(f"master ({', '.join(str(a) for a in self.config.bind)})")
         self._publish_master()
         self._announce_listeners()
-        self._size_receive_buffers()
+        self._fit_the_machine(announce=self.handoff is None)  # an upgrade keeps its count
         self._supervise(time.monotonic())  # the first workers start now, not a tick later
         while True:
             for signum in self._wait_for_signals(self._next_tick()):
@@ -205,6 +179,13 @@ class Master:
             self._supervise(time.monotonic())
         self._cleanup()
         return self.exit_code
+
+    def _fit_the_machine(self, announce: bool) -> None:
+        """Before a generation forks: workers for the CPUs, descriptors for the connections."""
+        if announce:
+            fitting.announce_workers(self.sizing)
+        self.descriptors.fit(self.config)
+        fitting.fit_receive_buffers(self.listeners, self.config)
 
     def _wait_for_signals(self, timeout: float) -> list[signal.Signals]:
         assert self.signals is not None
@@ -350,28 +331,35 @@ class Master:
         self.scoreboard.release(worker.slot)
         # its connections are gone, however it died: stop counting them against the limits
         self.limits.forget_worker(worker.slot, (w.slot for w in self.workers.values()))
+        oom = self.oom.explain(status)  # every death: each OOM kill counted is claimed once
         if worker.dismissed or self.phase is MasterPhase.STOPPING:
-            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, describe_exit(status))
+            how = oom or describe_exit(status)
+            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
         elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FATAL:
             self.scoreboard.count_event(MasterCounter.RESTARTS_BOOT_FAILED)
             self._on_boot_failure(worker)
         else:
-            self._on_worker_death(worker, status)
+            self._on_worker_death(worker, status, oom)
 
-    def _on_worker_death(self, worker: WorkerProcess, status: int) -> None:
-        """It died on its own, or hung and we killed it: count it, and back off if young."""
+    def _on_worker_death(self, worker: WorkerProcess, status: int, oom: str | None) -> None:
+        """It died on its own, by the OOM killer (``oom`` says how), or hung and we
+        killed it: count it, and back off if young."""
         now = time.monotonic()
         lifetime = now - worker.started
-        hung = worker.phase is WorkerPhase.ABORTING
-        self.scoreboard.count_event(
-            MasterCounter.RESTARTS_TIMEOUT if hung else MasterCounter.RESTARTS_CRASHED
-        )
+        hung = worker.phase is WorkerPhase.ABORTING and not oom
+        died = describe_exit(status)
+        if oom:
+            reason, how = MasterCounter.RESTARTS_OOM, oom
+        elif hung:
+            reason, how = MasterCounter.RESTARTS_TIMEOUT, f"{died} after worker_timeout"
+        else:
+            reason, how = MasterCounter.RESTARTS_CRASHED, f"{died} unexpectedly"
+        self.scoreboard.count_event(reason)
         log.error(
-            "worker %d (pid %d) %s %s after %.1fs; replacing it",
+            "worker %d (pid %d) %s after %.1fs; replacing it",
             worker.worker_id,
             worker.pid,
-            describe_exit(status),
-            "after worker_timeout" if hung else "unexpectedly",
+            how,
             lifetime,
         )
         backoff = self.backoff.setdefault(worker.worker_id, RestartBackoff())
@@ -497,8 +485,9 @@ class Master:
         self.scoreboard.config_loaded(True, time.time())
         self._reconfigure_logging(new_config)
         self.config = new_config
-        self._size_receive_buffers()
-        self.desired = new_config.workers
+        self.sizing = fitting.workers_for(new_config)  # a quota may have changed too
+        self.desired = self.sizing.count
+        self._fit_the_machine(announce=True)
         self.generation += 1
         self._move(MasterPhase.RELOADING)
         self._publish_master()
@@ -665,20 +654,6 @@ class Master:
         log.info("echod stopped")
 
     # -- bits ------------------------------------------------------------------------
-    def _size_receive_buffers(self) -> None:
-        asked = self.config.udp_receive_buffer
-        granted = size_receive_buffers(self.listeners, asked)
-        if granted is not None:
-            # the default asks for more than many hosts allow: say so, without alarm
-            level = logging.INFO if asked == DEFAULT_UDP_RECEIVE_BUFFER else logging.WARNING
-            log.log(
-                level,
-                "udp_receive_buffer %d capped by the kernel at %d bytes (net.core.rmem_max);"
-                " bursts beyond it are dropped and counted",
-                asked,
-                granted,
-            )
-
     def _announce_listeners(self) -> None:
         for listener in self.listeners:
             log.info("listening on %s", listener.bound)

@@ -31,7 +31,7 @@ log = logging.getLogger("echod.metrics")
 class MetricsService:
     """Owns the metrics socket in the master and keeps one metrics process serving it."""
 
-    name = "metrics"  # its key in the upgrade hand-off (see master.Helper)
+    name = "metrics"  # its key in the upgrade hand-off (see children.Helper)
     bind: str = ""  # as configured; "" = off
     listener: Listener | None = None
     pid: int = 0
@@ -61,7 +61,7 @@ class MetricsService:
         ((address, sock),) = adopt_sockets(fds).items()
         return cls(bind=bind, listener=Listener(address, sock))
 
-    # The master calls these (see master.Helper).
+    # The master calls these (see children.Helper).
     def attach(self, children: Children, scoreboard: Scoreboard) -> None:
         self.children, self.scoreboard = children, scoreboard
 

@@ -56,7 +56,7 @@ def test_help_exits_zero() -> None:
         (["-b", "nonsense"], "--bind"),
         (["-b", "127.0.0.1:99999"], "out of range"),
         (["-b", "::1:7007"], "brackets"),
-        (["-w", "0"], "--workers"),
+        (["-w", "-1"], "--workers"),
         (["-w", "many"], "whole number"),
         (["--log-level", "loud"], "invalid choice"),
     ],
@@ -76,7 +76,7 @@ def test_missing_config_file_exits_78(tmp_path: Path) -> None:
         ("workers = [", ["invalid TOML"]),
         ("wokers = 4", ["unknown key 'wokers'", "did you mean 'workers'"]),
         ("workers = 'four'", ["workers", "integer"]),
-        ("workers = 0", ["workers", "between 1 and"]),
+        ("workers = -1", ["workers", "between 0 and"]),
         ("idle_timeout = -1", ["idle_timeout", "0 or greater"]),
         ("bind = ['nowhere']", ["bind"]),
         ("log_format = 'xml'", ["log_format", "text, json"]),
@@ -160,7 +160,7 @@ def test_kubernetes_service_links_do_not_stop_a_start(start_echod) -> None:
 
 def test_a_bad_value_of_a_known_key_still_exits_78_naming_the_variable() -> None:
     result = run_echod("-t", env={"ECHOD_WORKERS": "many", "ECHOD_SERVICE_HOST": "10.0.0.1"})
-    assert_clean_failure(result, 78, "environment", "workers", "many")
+    assert_clean_failure(result, 78, "environment", "ECHOD_WORKERS", "many")
 
 
 def test_address_in_use_exits_69(tmp_path: Path) -> None:

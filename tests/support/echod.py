@@ -81,7 +81,12 @@ def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 10.0) -
 
 class EchodProcess:
     def __init__(
-        self, argv: list[str], env: dict[str, str], runtime_dir: Path, nofile: int | None = None
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        runtime_dir: Path,
+        nofile: int | tuple[int, int] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.argv = argv
         self.runtime_dir = runtime_dir
@@ -89,8 +94,12 @@ class EchodProcess:
         self._cond = threading.Condition()
 
         def limit_descriptors() -> None:
+            """``nofile``: N (soft = hard = N) or (soft, hard). ``preexec``: e.g. enter a cgroup."""
             if nofile:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                limits = nofile if isinstance(nofile, tuple) else (nofile, nofile)
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            if preexec is not None:
+                preexec()
 
         self.proc = subprocess.Popen(
             argv,

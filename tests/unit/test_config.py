@@ -18,7 +18,7 @@ def test_defaults_match_the_spec() -> None:
     assert config.bind == ("127.0.0.1:7007",)
     assert (config.backlog, config.max_connections, config.max_buffer) == (1024, 10000, 262144)
     assert (config.idle_timeout, config.graceful_timeout, config.worker_timeout) == (300, 30, 30)
-    assert config.workers >= 1
+    assert config.workers == 0  # unset: sized from the CPUs echod may use (echod.system.cpus)
 
 
 def test_file_env_cli_layers(tmp_path: Path) -> None:
@@ -144,9 +144,35 @@ def test_udp_receive_buffer_is_0_or_a_sane_size(size: int) -> None:
 
 
 @pytest.mark.parametrize("text", ["lots", "1.5", "1MiB"])
-def test_a_bad_udp_receive_buffer_in_the_environment_names_the_key(text: str) -> None:
-    with pytest.raises(ConfigError, match="environment: udp_receive_buffer must be an integer"):
+def test_a_bad_udp_receive_buffer_in_the_environment_names_the_variable(text: str) -> None:
+    with pytest.raises(
+        ConfigError, match="environment: ECHOD_UDP_RECEIVE_BUFFER must be an integer"
+    ):
         load_config(None, {}, {"ECHOD_UDP_RECEIVE_BUFFER": text})
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "problem"),
+    [
+        ("ECHOD_WORKERS", "many", " must be an integer, not 'many'"),
+        ("ECHOD_WORKERS", "513", ": must be between 0 and 512"),
+        ("ECHOD_GRACEFUL_TIMEOUT", "soon", " must be a number of seconds"),
+        ("ECHOD_LOG_LEVEL", "loud", ": must be one of"),
+    ],
+)
+def test_an_environment_error_names_the_variable_not_only_the_key(
+    variable: str, text: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {}, {variable: text})
+    assert str(caught.value).startswith(f"environment: {variable}{problem}"), caught.value
+
+
+def test_a_config_file_error_still_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "echod.toml"
+    path.write_text('workers = "many"\n')
+    with pytest.raises(ConfigError, match=r"echod.toml: workers must be an integer"):
+        load_config(str(path), {}, {})
 
 
 @pytest.mark.parametrize("delay", [3600.5, 86400, -1])
