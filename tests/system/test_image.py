@@ -275,8 +275,11 @@ def test_master_memory_does_not_grow_with_the_descriptor_limit(
 # ---------------------------------------------------- the Kubernetes example --
 
 
-def kube_copy(directory: Path, echo: int, metrics: int, env: dict[str, str] | None = None) -> Path:
-    """The shipped YAML with one replica and its ports published on loopback."""
+def kube_copy(
+    directory: Path, echo: int, metrics: int, env: dict[str, str] | None, cpu: str | None
+) -> Path:
+    """The shipped YAML with one replica and its ports published on loopback (and
+    ``env`` added, ``cpu`` as the CPU limit, when given)."""
     docs = list(yaml.safe_load_all(KUBERNETES.read_text()))
     for doc in docs:
         if doc["kind"] != "Deployment":
@@ -288,6 +291,8 @@ def kube_copy(directory: Path, echo: int, metrics: int, env: dict[str, str] | No
             port["hostPort"] = metrics if port["containerPort"] == 9707 else echo
         if env:
             container["env"] = [{"name": key, "value": value} for key, value in env.items()]
+        if cpu:
+            container["resources"]["limits"]["cpu"] = cpu
     path = directory / "echod.yaml"
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return path
@@ -303,9 +308,9 @@ def kube_play(image: str, tmp_path: Path) -> Iterator[Callable[..., tuple[Any, i
     """Play a copy of the shipped YAML (kube down and cleanup at teardown)."""
     played: list[Path] = []
 
-    def play(env: dict[str, str] | None = None) -> tuple[Played, int, int]:
+    def play(env: dict[str, str] | None = None, cpu: str | None = None) -> tuple[Played, int, int]:
         echo, metrics = free_tcp_and_udp_port(), free_tcp_and_udp_port()
-        path = kube_copy(tmp_path, echo, metrics, env)
+        path = kube_copy(tmp_path, echo, metrics, env, cpu)
         played.append(path)
         result = podman("kube", "play", "--network", "slirp4netns", str(path))
         wait_until(lambda: http_status(metrics, "/readyz") == 200, 30, 0.1, "the pod ready")
@@ -334,6 +339,9 @@ def test_kube_play_of_the_shipped_example(kube_play: Callable[..., Any]) -> None
     assert re.search(r"^CapEff:\s+0+$", status, re.MULTILINE), status
     assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), status
     assert set(uids_of_tree(host_pid(POD_CONTAINER)).values()) == {UID}
+    # workers unset: one per CPU of the limit ("2"), which the quota carries
+    assert inspect(POD_CONTAINER, "{{.HostConfig.CpuQuota}}") == "200000"
+    assert worker_count_line(POD_CONTAINER).startswith("2 worker(s)")
     # podman 4.3's kube down kills at once (SIGKILL: podman issue 22397, fixed in 5.1);
     # pod stop sends the stop signal and waits, as the kubelet does
     started = time.monotonic()
@@ -347,16 +355,26 @@ def test_kube_play_of_the_shipped_example(kube_play: Callable[..., Any]) -> None
     assert podman("pod", "exists", POD, check=False).returncode == 1
 
 
+def worker_count_line(name: str) -> str:
+    """echod's start-up line saying how many workers and why."""
+    lines = [str(r["msg"]) for r in json_log_lines(name) if " worker(s): " in str(r["msg"])]
+    assert lines, name
+    return lines[0]
+
+
 def test_kube_service_links_are_warnings(kube_play: Callable[..., Any]) -> None:
-    """A namespace with a Service named echod gives every pod ECHOD_SERVICE_HOST, ECHOD_PORT, ..."""
+    """A namespace with a Service named echod gives every pod ECHOD_SERVICE_HOST, ECHOD_PORT, ...
+    This pod also has a 1-CPU limit: its quota caps the host's CPUs to 1 worker."""
     links = {
         "ECHOD_SERVICE_HOST": "10.96.0.10",
         "ECHOD_SERVICE_PORT": "7",
         "ECHOD_PORT": "tcp://10.96.0.10:7",
         "ECHOD_PORT_7_TCP_ADDR": "10.96.0.10",
     }
-    _, echo, _ = kube_play(links)
+    _, echo, _ = kube_play(links, cpu="1")
     assert tcp_echo(echo, b"linked") == b"linked"
+    count = worker_count_line(POD_CONTAINER)
+    assert count.startswith("1 worker(s)") and "quota" in count, count
     warnings = [r["msg"] for r in json_log_lines(POD_CONTAINER) if r["level"] == "warning"]
     named = [
         msg for msg in map(str, warnings) if "ECHOD_SERVICE_HOST" in msg and "ECHOD_PORT" in msg
