@@ -8,7 +8,9 @@
 # reused if podman has it, and the rootfs tarball is kept in $CACHE_DIR
 # (default /var/cache/echod-image) so a machine whose podman storage is new,
 # as a CI run's may be, imports it again in seconds instead of a minute of
-# mmdebstrap. KEY hashes every input, so a change rebuilds.
+# mmdebstrap. KEY hashes every input, so a change rebuilds. The archive's
+# own updates (point releases, security) are not an input: to take them,
+# remove the tarball and the image (podman rmi localhost/echod-base:...).
 #
 # Environment: ECHOD_IMAGE_CACHE (the cache directory), ECHOD_APT_SOURCES (a
 # deb822 .sources or one-line .list file; default: the host's Debian sources).
