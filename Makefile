@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean soak generated deb dist
+.PHONY: run test lint format venv clean soak generated deb dist image
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,8 @@ soak: venv
 # All run even when one fails, so one run shows every problem; lint fails if any did.
 lint: venv
 	@status=0; \
-	$(BIN)/ruff check echod tests benchmarks tools || status=1; \
-	$(BIN)/ruff format --check echod tests benchmarks tools || status=1; \
+	$(BIN)/ruff check echod tests benchmarks tools container || status=1; \
+	$(BIN)/ruff format --check echod tests benchmarks tools container || status=1; \
 	$(BIN)/lint-imports --no-logo || status=1; \
 	$(BIN)/vulture || status=1; \
 	exit $$status
@@ -45,12 +45,32 @@ generated: venv
 # `apt-get build-dep .`; no venv needed). dpkg-buildpackage writes its results
 # next to the source directory; they are moved to dist/.
 DEB_VERSION = $(shell dpkg-parsechangelog -S Version 2>/dev/null)
+# Debian's python3 builds Debian's package: one earlier in PATH (pyenv, a venv)
+# has neither Debian's build modules nor its dist-packages layout.
 deb:
-	dpkg-buildpackage -b -us -uc
+	PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
 	mkdir -p dist
 	mv ../echod_$(DEB_VERSION)_all.deb ../echod_$(DEB_VERSION)_*.buildinfo \
 		../echod_$(DEB_VERSION)_*.changes dist/
 	@echo "built dist/echod_$(DEB_VERSION)_all.deb"
+
+# The OCI image localhost/echod:<version>, with podman, from the .deb above on a
+# Debian 12 base made here (container/base-rootfs.sh, cached in
+# /var/cache/echod-image). --format docker: the OCI format drops HEALTHCHECK;
+# --network=host: apt in the build reaches the host's mirrors.
+# container/containers.conf carries what podman needs on hosts like CI's
+# (runc, cgroupfs, ulimits); an exported CONTAINERS_CONF wins.
+IMAGE_VERSION = $(shell dpkg-parsechangelog -S Version 2>/dev/null | sed 's/-[^-]*$$//')
+IMAGE = localhost/echod:$(IMAGE_VERSION)
+export CONTAINERS_CONF ?= $(CURDIR)/container/containers.conf
+image:
+	base=$$(container/base-rootfs.sh) && \
+	$(MAKE) --no-print-directory deb && \
+	podman build --format docker --network=host --ignorefile container/containerignore \
+		--file container/Containerfile --build-arg BASE="$$base" \
+		--build-arg DEB=dist/echod_$(DEB_VERSION)_all.deb --build-arg VERSION=$(IMAGE_VERSION) \
+		--tag $(IMAGE) .
+	@echo "built $(IMAGE) ($$(podman image inspect --format '{{.Size}}' $(IMAGE)) bytes)"
 
 # The wheel and the sdist in dist/, checked by twine (--strict: the README must
 # render on PyPI, every required metadata field present).
@@ -60,7 +80,7 @@ dist: venv
 	$(BIN)/twine check --strict dist/echod-*.tar.gz dist/echod-*.whl
 
 format: venv
-	$(BIN)/ruff format echod tests benchmarks tools
+	$(BIN)/ruff format echod tests benchmarks tools container
 
 clean:
 	rm -rf $(VENV) build dist .pybuild *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

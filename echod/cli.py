@@ -28,6 +28,7 @@ from echod.config import (
     load_config,
 )
 from echod.errors import ConfigError, EchodError, UsageError
+from echod.logs import JsonFormatter
 
 # Read when the master's code starts: `echoctl status` shows it, and an
 # in-place upgrade proves it loaded new code by a newer value.
@@ -133,7 +134,15 @@ class ConfigSource:
         return load_config(self.path, self.cli_overrides)
 
     def load_first(self) -> Config:
-        return load_config(self.path, self.cli_overrides, warn=_warn)
+        """The first load says what the environment layer ignores, in the log's format."""
+        ignored: list[str] = []
+        try:
+            config = load_config(self.path, self.cli_overrides, warn=ignored.append)
+        except EchodError:
+            _warn(ignored, "text")
+            raise
+        _warn(ignored, config.log_format)
+        return config
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConfigSource:
@@ -190,8 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.FAILURE
 
 
-def _warn(message: str) -> None:
-    sys.stderr.write(f"echod: warning: {message}\n")
+def _warn(messages: list[str], log_format: str) -> None:
+    """Warnings from before logging is set up, on stderr. With log_format = "json", as
+    JSON log records: a container's log collector (Kubernetes' service links warn in
+    every pod of a namespace with a Service named echod) expects nothing else."""
+    for message in messages:
+        if log_format == "json":
+            record = logging.LogRecord(log.name, logging.WARNING, __file__, 0, message, None, None)
+            sys.stderr.write(JsonFormatter().format(record) + "\n")
+        else:
+            sys.stderr.write(f"echod: warning: {message}\n")
 
 
 def _fail(exc: EchodError) -> None:

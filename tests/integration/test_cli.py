@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import tomllib
@@ -181,3 +182,14 @@ def test_stale_pidfile_does_not_block_a_start(start_echod, runtime_dir: Path) ->
     (runtime_dir / "echod.pid").write_text("999999\n")  # no process holds its lock
     server = start_echod()
     assert (runtime_dir / "echod.pid").read_text().strip() == str(server.pid)
+
+
+def test_environment_warnings_are_json_lines_when_the_log_is() -> None:
+    """In a container the log collector reads JSON lines: the start-up warnings too."""
+    env = {**KUBERNETES_SERVICE_LINKS, "ECHOD_LOG_FORMAT": "json"}
+    result = run_echod("-t", env=env)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "warning"
+    assert all(name in record["msg"] for name in KUBERNETES_SERVICE_LINKS)

@@ -58,6 +58,7 @@ def test_the_sdist_carries_the_project(built: tuple[Path, Path]) -> None:
         "tests/support/echod.py",
         "tests/integration/test_echo.py",
         "debian/control",
+        "container/Containerfile",
     ):
         assert expected in names, expected
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
