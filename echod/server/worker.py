@@ -165,6 +165,8 @@ class Worker(Accepting, StreamEcho):
             log.critical("worker crashed", exc_info=True)
             os._exit(exitcodes.FAILURE)
         self._close_all(Counter.CLOSED_SHUTDOWN)
+        for echo in self.datagram_echoes.values():
+            echo.refresh_drops()
         self._publish(time.monotonic())  # final counters: the master folds them in on reap
         self.error_log.flush()
         log.info("worker exiting")
@@ -287,6 +289,8 @@ class Worker(Accepting, StreamEcho):
             self._sweep_listeners(now)
         if self.memory_limit is not None:
             self._check_memory(now)
+        for echo in self.datagram_echoes.values():
+            echo.refresh_drops()
         self._publish(now)
         self.error_log.flush()
         next_tick = min(now + self.heartbeat_interval, next_close)
