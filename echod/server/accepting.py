@@ -67,6 +67,9 @@ class Accepting:
     max_lifetime: float
     idle_wheel: TimeoutWheel[Connection] | None
     lifetime_wheel: TimeoutWheel[Connection] | None
+    # accepted and not read yet: the loop reads them before polling again (the
+    # client has usually sent by the time we accept)
+    just_accepted: list[int]
     error_log: RateLimitedLog
     _publish: Callable[[float], None]
     _request_recycling: Callable[..., None]
@@ -82,6 +85,7 @@ class Accepting:
         limit = self.config.max_connections
         register = self.epoll.register
         lifetime_wheel = self.lifetime_wheel
+        just_accepted = self.just_accepted
         for _ in range(budget):
             if len(connections) >= limit:
                 self._pause_at_capacity()
@@ -98,6 +102,7 @@ class Accepting:
                 continue
             connections[fd] = conn
             register(fd, EPOLLIN)
+            just_accepted.append(fd)
             if lifetime_wheel is not None:
                 lifetime_wheel.add(fd, conn, now + self.max_lifetime)
             self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)

@@ -30,7 +30,6 @@ class Connection:
     __slots__ = (
         "accepted_at",
         "bytes_in",
-        "bytes_out",
         "fd",
         "last_active",
         "peer",
@@ -55,9 +54,14 @@ class Connection:
         self.reading = True
         self.last_active = now  # last time bytes moved either way
         self.accepted_at = now
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_in = 0  # echoed, or pending: bytes_out is what left of them
         self.ticket: int | None = None  # counted by the AdmissionGate: release at close
+
+    @property
+    def bytes_out(self) -> int:
+        """Echoed so far: every byte read is sent or still pending (one count less to
+        keep on the hot path)."""
+        return self.bytes_in - len(self.pending)
 
 
 # Called with each stream connection, and the counter of why it ends, just before
@@ -137,7 +141,6 @@ class StreamEcho:
             self._close(conn, Counter.CLOSED_RESET)
             return
         self.bytes_out += sent
-        conn.bytes_out += sent
         conn.last_active = now
         del pending[:sent]
         if pending:

@@ -41,6 +41,10 @@ class ProxiedConnection(Connection):
         self.pending = AWAITING_HEADER  # type: ignore[assignment]  # see AWAITING_HEADER
         self.header = ProxyHeaderParser()
 
+    @property
+    def bytes_out(self) -> int:
+        return 0 if self.pending is AWAITING_HEADER else super().bytes_out
+
 
 class ProxyHeaders:
     """The PROXY header side of a worker (a mixin placed before the worker class:
@@ -157,7 +161,6 @@ class ProxyHeaders:
         self.bytes_in += size
         self.bytes_out += sent
         conn.bytes_in += size
-        conn.bytes_out += sent
         if sent < size:
             self._keep_unsent(conn, view[start + sent : received])
 

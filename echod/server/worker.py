@@ -108,6 +108,7 @@ class Worker(Accepting, StreamEcho):
         self.master_alive_fd = master_alive_fd
         self.epoll = select.epoll()
         self.connections: dict[int, Connection] = {}
+        self.just_accepted: list[int] = []
         self.idle_timeout = config.idle_timeout
         self.max_lifetime = config.max_connection_lifetime
         self.idle_wheel: TimeoutWheel[Connection] | None = (
@@ -198,24 +199,36 @@ class Worker(Accepting, StreamEcho):
         # The hot path is written out here rather than called: a readable connection
         # with nothing queued is read into the worker's buffer and echoed straight
         # back. Everything else (backpressure, half-close, errors, listeners,
-        # signals) goes through methods.
+        # signals) goes through methods. Connections accepted while handling the
+        # events are then handled as readable, without waiting for the next poll:
+        # their client has usually sent already.
         poll = self.epoll.poll
         find = self.connections.get
         buffer = self.buffer
         view = self.view
         monotonic = time.monotonic
         reset = Counter.CLOSED_RESET
+        just_accepted = self.just_accepted
+        now = monotonic()
         while not self.stopping:
-            now = monotonic()
+            # `now` is from just after the last poll: handling its events took
+            # microseconds, and housekeeping is not that precise
             if now >= self.next_housekeeping:
                 self._housekeeping(now)
-            events = poll(max(0.0, self.next_housekeeping - now))
+            timeout = self.next_housekeeping - now
+            events = poll(timeout if timeout > 0.0 else 0.0)
             now = monotonic()
             moved_in = moved_out = 0
+            if just_accepted:  # accepted by housekeeping's sweep: readable too
+                events += [(new, EPOLLIN) for new in just_accepted]
+                just_accepted.clear()
             for fd, mask in events:
                 conn = find(fd)
                 if conn is None:
                     self._on_control_event(fd, now)
+                    if just_accepted:  # iterating a list goes on over what is appended
+                        events += [(new, EPOLLIN) for new in just_accepted]
+                        just_accepted.clear()
                     continue
                 if conn.pending:
                     self._on_backlogged(conn, mask, now)
@@ -242,7 +255,6 @@ class Worker(Accepting, StreamEcho):
                 moved_in += received
                 moved_out += sent
                 conn.bytes_in += received
-                conn.bytes_out += sent
                 conn.last_active = now
                 if sent < received:
                     self._keep_unsent(conn, view[sent:received])
