@@ -166,8 +166,7 @@ class Worker(Accepting, StreamEcho):
             log.critical("worker crashed", exc_info=True)
             os._exit(exitcodes.FAILURE)
         self._close_all(Counter.CLOSED_SHUTDOWN)
-        for echo in self.datagram_echoes.values():
-            echo.refresh_drops()
+        self._publish_udp_drops()
         self._publish(time.monotonic())  # final counters: the master folds them in on reap
         self.error_log.flush()
         log.info("worker exiting")
@@ -301,8 +300,7 @@ class Worker(Accepting, StreamEcho):
             self._sweep_listeners(now)
         if self.memory_limit is not None:
             self._check_memory(now)
-        for echo in self.datagram_echoes.values():
-            echo.refresh_drops()
+        self._publish_udp_drops()
         self._publish(now)
         self.error_log.flush()
         next_tick = min(now + self.heartbeat_interval, next_close)
@@ -318,25 +316,30 @@ class Worker(Accepting, StreamEcho):
         self.next_housekeeping = next_tick
 
     def _publish(self, now: float) -> None:
+        """Every counter, with the load: after each accept batch and each tick."""
         counters = self.counters
         counters[Counter.ACCEPTED] = self.accepted
         counters[Counter.BYTES_IN] = self.bytes_in
         counters[Counter.BYTES_OUT] = self.bytes_out
         self.slot.publish(now, len(self.connections), counters)
-        if self.datagram_echoes:
-            drops = tuple(
-                (echo.inode, echo.kernel_drops)
-                for echo in self.datagram_echoes.values()
-                if echo.kernel_drops
-            )
-            if drops != self.published_drops:
-                if len(drops) > UDP_DROP_SOCKETS_PER_SLOT >= len(self.published_drops):
-                    log.warning(  # once: the next time, the published pairs are full
-                        "kernel drops on more than %d UDP sockets: the others are not counted",
-                        UDP_DROP_SOCKETS_PER_SLOT,
-                    )
-                self.slot.publish_udp_drops(drops)
-                self.published_drops = drops
+
+    def _publish_udp_drops(self) -> None:
+        """The kernel's drop count per UDP socket, when it rose (each tick, not per accept)."""
+        for echo in self.datagram_echoes.values():
+            echo.refresh_drops()
+        drops = tuple(
+            (echo.inode, echo.kernel_drops)
+            for echo in self.datagram_echoes.values()
+            if echo.kernel_drops
+        )
+        if drops != self.published_drops:
+            if len(drops) > UDP_DROP_SOCKETS_PER_SLOT >= len(self.published_drops):
+                log.warning(  # once: the next time, the published pairs are full
+                    "kernel drops on more than %d UDP sockets: the others are not counted",
+                    UDP_DROP_SOCKETS_PER_SLOT,
+                )
+            self.slot.publish_udp_drops(drops)
+            self.published_drops = drops
 
     def _on_signals(self) -> None:
         assert self.signals is not None
