@@ -182,6 +182,10 @@ class Worker(Accepting, StreamEcho):
             if not listener.is_datagram and listener.sock.family != socket.AF_UNIX:
                 # accepted sockets inherit it: one call here instead of one per connection
                 listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # set (or cleared) by every worker: a reload may have changed it
+                listener.sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.config.defer_accept
+                )
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
         self.balancer.open()

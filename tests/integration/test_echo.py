@@ -8,6 +8,7 @@ import selectors
 import signal
 import socket
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -214,3 +215,13 @@ def test_what_clients_sent_before_being_accepted_is_echoed_exactly(start_echod) 
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_defer_accept_serves_clients_that_send_late(start_echod) -> None:
+    """With TCP_DEFER_ACCEPT the kernel holds a connection until its first byte:
+    one that sends at once and one that sends after a pause are both echoed."""
+    server = start_echod(workers=1, config={"defer_accept": 5})
+    with server.connect() as early, server.connect() as late:
+        assert echo_roundtrip(early, b"at once") == b"at once"
+        time.sleep(0.3)  # the kernel still holds `late`: nothing sent yet
+        assert echo_roundtrip(late, b"after a pause") == b"after a pause"
