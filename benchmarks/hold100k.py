@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("--holders", type=int, default=7)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds of each rr run")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--echod-path", default=str(REPO), help="PYTHONPATH for echod (A/B runs)")
     a = ap.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -156,7 +157,7 @@ def main() -> int:
     run = Path(tempfile.mkdtemp(prefix="echod-hold-"))
     config = run / "echod.toml"
     config.write_text(f'max_connections = {per_worker}\nbacklog = 65535\nlog_level = "warning"\n')
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=a.echod_path)
     server = subprocess.Popen(
         [
             a.python,
@@ -182,6 +183,7 @@ def main() -> int:
         wait_serving(server, port, a.workers, time.monotonic() + 30)
         workers = children(server.pid)
         report["rr_alone"] = rr(port, a.duration)
+        time.sleep(1)  # its 50 connections closed in the workers too
         tree = [server.pid, *workers]
         fds_before = {pid: descriptors(pid) for pid in workers}
         pss_before, kernel_before = pss_kib(tree), kernel()

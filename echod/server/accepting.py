@@ -38,9 +38,9 @@ ACCEPT_ERROR_COUNTERS = {
     errno.EPROTO: Counter.ACCEPT_ABORTED,
 }
 
-# An accepted socket, its peer address and the time -> its Connection, or None
+# An accepted socket, its descriptor, its peer address and the time -> its Connection, or None
 # when admission refused it (the opener has dealt with the socket then).
-Opener = Callable[[socket.socket, object, float], Connection | None]
+Opener = Callable[[socket.socket, int, object, float], Connection | None]
 
 
 class Accepting:
@@ -97,7 +97,7 @@ class Accepting:
             except OSError as exc:
                 self._accept_failed(listener, exc, now)
                 return
-            conn = open_connection(socket.socket(family, kind, proto, fd), peer, now)
+            conn = open_connection(socket.socket(family, kind, proto, fd), fd, peer, now)
             if conn is None:
                 continue
             connections[fd] = conn
@@ -123,20 +123,22 @@ class Accepting:
             return self._open
         return self._open_admitted
 
-    def _open(self, client: socket.socket, peer: object, now: float) -> Connection:
+    def _open(self, client: socket.socket, fd: int, peer: object, now: float) -> Connection:
         client.setblocking(False)
-        conn = Connection(client, peer, now)
+        conn = Connection(client, fd, peer, now)
         if self.idle_wheel is not None:
             self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
         return conn
 
-    def _open_admitted(self, client: socket.socket, peer: object, now: float) -> Connection | None:
+    def _open_admitted(
+        self, client: socket.socket, fd: int, peer: object, now: float
+    ) -> Connection | None:
         assert self.admission is not None
         ticket = self.admission.admit(peer[0])  # type: ignore[index]  # an IP (host, port)
         if ticket == REJECTED:
             reject(client)
             return None
-        conn = self._open(client, peer, now)
+        conn = self._open(client, fd, peer, now)
         conn.ticket = ticket
         return conn
 

@@ -24,6 +24,13 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), before close
+# A connection's ``pending`` while nothing waits: one shared empty value, so that an
+# idle connection holds no buffer of its own; a bytearray replaces it when needed.
+NOTHING_PENDING = b""
+# Called as recv_into(conn.sock, ...) and send(conn.sock, ...): as fast as methods
+# bound on each connection, without two method objects per connection.
+recv_into = socket.socket.recv_into
+send = socket.socket.send
 
 
 class Connection:
@@ -36,20 +43,16 @@ class Connection:
         "peer_eof",
         "pending",
         "reading",
-        "recv_into",
-        "send",
         "sock",
         "ticket",
     )
 
-    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
+    def __init__(self, sock: socket.socket, fd: int, peer: object, now: float) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
-        # bound once here rather than looked up on every event
-        self.recv_into = sock.recv_into
-        self.send = sock.send
+        self.fd = fd  # the same int object as the worker's key: one per connection
         self.peer = peer
-        self.pending = bytearray()  # echo bytes the kernel did not take yet
+        # echo bytes the kernel did not take yet (NOTHING_PENDING or a bytearray)
+        self.pending: bytes | bytearray = NOTHING_PENDING
         self.peer_eof = False  # the client shut down its write side
         self.reading = True
         self.last_active = now  # last time bytes moved either way
@@ -93,7 +96,10 @@ class StreamEcho:
 
     def _keep_unsent(self, conn: Connection, unsent: memoryview) -> None:
         """The kernel took only part of an echo: queue the rest, stop reading if full."""
-        conn.pending += unsent
+        if conn.pending:
+            conn.pending += unsent
+        else:
+            conn.pending = bytearray(unsent)
         conn.reading = len(conn.pending) < self.max_buffer
         self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN if conn.reading else EPOLLOUT)
 
@@ -114,7 +120,7 @@ class StreamEcho:
         pending = conn.pending
         room = self.max_buffer - len(pending)
         try:
-            received = conn.recv_into(self.buffer, min(room, len(self.buffer)))
+            received = recv_into(conn.sock, self.buffer, min(room, len(self.buffer)))
         except BlockingIOError:
             return
         except OSError:
@@ -126,7 +132,7 @@ class StreamEcho:
         self.bytes_in += received
         conn.bytes_in += received
         conn.last_active = now
-        pending += self.view[:received]
+        pending += self.view[:received]  # type: ignore[operator]  # a bytearray: not empty
         if len(pending) >= self.max_buffer:
             conn.reading = False
             self.epoll.modify(conn.fd, EPOLLOUT)
@@ -134,7 +140,7 @@ class StreamEcho:
     def _flush(self, conn: Connection, now: float) -> None:
         pending = conn.pending
         try:
-            sent = conn.send(pending)
+            sent = send(conn.sock, pending)
         except BlockingIOError:
             return
         except OSError:
@@ -142,7 +148,7 @@ class StreamEcho:
             return
         self.bytes_out += sent
         conn.last_active = now
-        del pending[:sent]
+        del pending[:sent]  # type: ignore[union-attr]  # a bytearray: not empty
         if pending:
             if not conn.reading and not conn.peer_eof and len(pending) < self.max_buffer:
                 conn.reading = True
@@ -151,6 +157,7 @@ class StreamEcho:
         if conn.peer_eof:
             self._close(conn, Counter.CLOSED_EOF)  # everything echoed after half-close
             return
+        conn.pending = NOTHING_PENDING  # the buffer goes: this connection may stay idle
         conn.reading = True
         self.epoll.modify(conn.fd, EPOLLIN)
 

@@ -21,7 +21,7 @@ from echod.logs import RateLimitedLog
 from echod.scoreboard import Counter
 from echod.server.accepting import AF_UNIX, Opener
 from echod.server.access import format_peer
-from echod.server.connection import Connection
+from echod.server.connection import NOTHING_PENDING, Connection, recv_into, send
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.timeouts import TimeoutWheel
 
@@ -36,8 +36,8 @@ class ProxiedConnection(Connection):
 
     __slots__ = ("header",)
 
-    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
-        super().__init__(sock, peer, now)
+    def __init__(self, sock: socket.socket, fd: int, peer: object, now: float) -> None:
+        super().__init__(sock, fd, peer, now)
         self.pending = AWAITING_HEADER  # type: ignore[assignment]  # see AWAITING_HEADER
         self.header = ProxyHeaderParser()
 
@@ -77,13 +77,13 @@ class ProxyHeaders:
         trusted = self.trusted
 
         def open_maybe_proxied(
-            client: socket.socket, peer: object, now: float
+            client: socket.socket, fd: int, peer: object, now: float
         ) -> Connection | None:
             if peer[0] not in trusted:  # type: ignore[index]  # an IP (host, port)
-                return plain(client, peer, now)
+                return plain(client, fd, peer, now)
             # admission waits for the header: the balancer's address is not the client
             client.setblocking(False)
-            conn = ProxiedConnection(client, peer, now)
+            conn = ProxiedConnection(client, fd, peer, now)
             self.header_wheel.add(conn.fd, conn, now + self.header_timeout)
             self.next_housekeeping = min(self.next_housekeeping, now + self.header_timeout)
             return conn
@@ -98,7 +98,7 @@ class ProxyHeaders:
 
     def _read_header(self, conn: ProxiedConnection, now: float) -> None:
         try:
-            received = conn.recv_into(self.buffer)
+            received = recv_into(conn.sock, self.buffer)
         except BlockingIOError:
             return
         except OSError:
@@ -142,7 +142,7 @@ class ProxyHeaders:
                 self._close(conn, reason)
                 return
             conn.ticket = ticket
-        conn.pending = bytearray()
+        conn.pending = NOTHING_PENDING
         conn.last_active = now
         if self.idle_wheel is not None:
             self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
@@ -151,7 +151,7 @@ class ProxyHeaders:
             return
         view = self.view
         try:
-            sent = conn.send(view[start:received])
+            sent = send(conn.sock, view[start:received])
         except BlockingIOError:
             sent = 0
         except OSError:

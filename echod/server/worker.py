@@ -55,6 +55,8 @@ from echod.server.connection import (
     StreamEcho,
     shutdown_gently,
 )
+from echod.server.connection import recv_into as socket_recv_into
+from echod.server.connection import send as socket_send
 from echod.server.drain import DrainSchedule
 from echod.server.listeners import Listener
 from echod.server.proxied import ProxyHeaders
@@ -211,6 +213,7 @@ class Worker(Accepting, StreamEcho):
         view = self.view
         monotonic = time.monotonic
         reset = Counter.CLOSED_RESET
+        recv_into, send = socket_recv_into, socket_send
         just_accepted = self.just_accepted
         now = monotonic()
         while not self.stopping:
@@ -239,7 +242,7 @@ class Worker(Accepting, StreamEcho):
                 # Nothing queued, so the connection is registered for EPOLLIN only and
                 # whatever woke us (data, EOF, an error) is for recv to report.
                 try:
-                    received = conn.recv_into(buffer)
+                    received = recv_into(conn.sock, buffer)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -249,7 +252,7 @@ class Worker(Accepting, StreamEcho):
                     self._on_peer_eof(conn)
                     continue
                 try:
-                    sent = conn.send(view[:received])
+                    sent = send(conn.sock, view[:received])
                 except BlockingIOError:
                     sent = 0
                 except OSError:
