@@ -11,12 +11,13 @@ from its own 127.0.0.x source address, hold the connections.
 Steps, with the figures printed as one JSON object at the end:
 
 1. start echod (TCP only, production defaults otherwise); rr-64B-c50 with
-   echoload for ``--duration`` s: the rate without the idle connections;
+   echoload, ``--repeat`` runs of ``--duration`` s: the median rate without
+   the idle connections;
 2. server PSS (master and workers, smaps_rollup), /proc/net/sockstat and Slab;
 3. the holders open ``--connections`` in all, each checked by a 1-byte echo:
    the time until all are established is the accept burst;
 4. PSS, sockstat and Slab again; connections per worker (its descriptors);
-5. rr-64B-c50 again: retention = this rate / step 1's;
+5. rr-64B-c50 again (as many runs): retention = this median / step 1's;
 6. every held connection checked again by a 1-byte echo: alive, dropped,
    unanswered; then everything is stopped.
 
@@ -35,6 +36,7 @@ import re
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,7 +88,17 @@ def descriptors(pid: int) -> int:
         return 0
 
 
-def rr(port: int, duration: float) -> dict:
+def rr(port: int, duration: float, repeat: int) -> dict:
+    """rr-64B-c50, ``repeat`` runs: the median rate and the errors of all."""
+    runs = [rr_once(port, duration) for _ in range(repeat)]
+    return {
+        "ops_per_s": statistics.median(run["ops_per_s"] for run in runs),
+        "runs": [run["ops_per_s"] for run in runs],
+        "errors": sum(run["errors"] for run in runs),
+    }
+
+
+def rr_once(port: int, duration: float) -> dict:
     out = subprocess.run(
         [
             str(ECHOLOAD),
@@ -144,7 +156,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=100_000)
     ap.add_argument("--workers", type=int, default=7)
     ap.add_argument("--holders", type=int, default=7)
-    ap.add_argument("--duration", type=float, default=6.0, help="seconds of each rr run")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of each rr run")
+    ap.add_argument("--repeat", type=int, default=3, help="rr runs alone and beside (median)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--echod-path", default=str(REPO), help="PYTHONPATH for echod (A/B runs)")
     a = ap.parse_args()
@@ -182,7 +195,7 @@ def main() -> int:
     try:
         wait_serving(server, port, a.workers, time.monotonic() + 30)
         workers = children(server.pid)
-        report["rr_alone"] = rr(port, a.duration)
+        report["rr_alone"] = rr(port, a.duration, a.repeat)
         time.sleep(1)  # its 50 connections closed in the workers too
         tree = [server.pid, *workers]
         fds_before = {pid: descriptors(pid) for pid in workers}
@@ -223,7 +236,7 @@ def main() -> int:
         report["kernel_slab_bytes_per_conn"] = round(
             (kernel_held["slab_kib"] - kernel_before["slab_kib"]) * 1024 / established
         )
-        report["rr_with_idle"] = rr(port, a.duration)
+        report["rr_with_idle"] = rr(port, a.duration, a.repeat)
         report["retention"] = round(
             report["rr_with_idle"]["ops_per_s"] / report["rr_alone"]["ops_per_s"], 3
         )
