@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean soak generated deb dist image
+.PHONY: run test lint format venv clean soak generated deb dist image bench-peers
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: lint
 # invariant broke. SOAK_ARGS='--duration 20' for a quick run (default 120 s).
 soak: venv
 	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
+
+# echod against refecho (C) and uvloop, pinned 1 worker and unpinned 2 workers, the
+# runs behind README "Performance" (~20 min on 2 cores; needs uvloop in the venv).
+# BENCH_ARGS are environment settings of benchmarks/peers.sh, e.g. 'PARTS=w1 REPEAT=5'.
+bench-peers: venv
+	env $(BENCH_ARGS) benchmarks/peers.sh
 
 # Style (ruff check, and ruff format: `make format` applies it), the package
 # boundaries (lint-imports, contracts in pyproject.toml) and dead code (vulture).

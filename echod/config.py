@@ -167,6 +167,9 @@ class Config:
     # capped: an hour is beyond any balancer's health-check interval, and the
     # scoreboard publishes the delay's end in 16 bits of seconds (see scoreboard.py)
     shutdown_delay: float = _key(float, _delay_bound, default=0.0)
+    # TCP_DEFER_ACCEPT on TCP listeners: seconds the kernel holds a connection that
+    # has sent nothing before handing it to accept (0 = off); see README, "Performance"
+    defer_accept: int = _key(int, _between(0, 3600), default=0)
 
     @property
     def addresses(self) -> list[Address]:

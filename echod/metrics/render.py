@@ -316,7 +316,7 @@ def collect(
         counter(
             "echod_udp_receive_buffer_drops_total",
             "UDP datagrams the kernel dropped before echod read them: a socket's"
-            " receive buffer was full (SO_RXQ_OVFL; see udp_receive_buffer)",
+            " receive buffer was full (SO_MEMINFO; see udp_receive_buffer)",
         ).add(snapshot.udp_receive_buffer_drops()),
     ]
     families += _per_worker(slots, sampler, now)

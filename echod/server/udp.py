@@ -10,12 +10,14 @@ the destination of each datagram (IP_PKTINFO / IPV6_RECVPKTINFO) and names it
 as the source of the reply (``recvmsg_into``/``sendmsg``).
 
 Datagrams the kernel drops because the socket's receive buffer is full never
-reach us; with SO_RXQ_OVFL set, the kernel attaches to each datagram received
-after a drop the socket's cumulative drop count (one uint32, shared by every
-worker reading that socket). Each DatagramEcho keeps the highest count it saw;
-the worker publishes it per socket (see ``echod.scoreboard``). The control
-message is absent until the first drop, so the check costs one ``len`` per
-datagram. A drop shows with the next datagram queued after it.
+reach us. The socket's cumulative drop count (sk_drops, shared by every worker
+reading that socket) is read with SO_MEMINFO at each housekeeping tick, off the
+datagram path, so a socket bound to one address is served with plain
+``recvfrom_into``/``sendto``, as C would. Where SO_MEMINFO is missing (Linux
+before 4.6), SO_RXQ_OVFL has the kernel attach the same count to each datagram
+received after a drop, and every datagram is read with ``recvmsg_into``. Each
+DatagramEcho keeps the highest count it saw; the worker publishes it per
+socket (see ``echod.scoreboard``).
 
 Checks, in order, cheapest first; a datagram failing one is dropped silently and
 counted by reason:
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +62,10 @@ BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; not in every Python build
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux >= 4.6: u32 sk_meminfo[]
+_MEMINFO = struct.Struct("=9I")  # SK_MEMINFO_RMEM_ALLOC .. SK_MEMINFO_DROPS
+_MEMINFO_DROPS = 8
+UNICAST_CACHE = 1024  # sources whose check 2 verdict is remembered (then forgotten at once)
 _PKTINFO_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
 _DROPS_SPACE = socket.CMSG_SPACE(4)  # SO_RXQ_OVFL's uint32
 
@@ -124,6 +131,17 @@ def build_source_check(
     return check
 
 
+def read_kernel_drops(sock: socket.socket) -> int | None:
+    """The socket's cumulative drop count (SO_MEMINFO), or None where unavailable."""
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return None
+    if len(data) < _MEMINFO.size:
+        return None
+    return int(_MEMINFO.unpack(data)[_MEMINFO_DROPS])
+
+
 def is_wildcard(sock: socket.socket) -> bool:
     try:
         host = sock.getsockname()[0]
@@ -152,13 +170,22 @@ class DatagramEcho:
         self.ipv6 = sock.family == socket.AF_INET6
         self.is_unicast = is_unicast_source_v6 if self.ipv6 else is_unicast_source_v4
         self.inode = os.fstat(sock.fileno()).st_ino  # the socket's identity in the scoreboard
-        self.kernel_drops = 0  # the highest SO_RXQ_OVFL count seen on this socket
-        # idempotent, like PKTINFO below; where the kernel lacks it, no drop is counted
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
-        except OSError:
-            pass
+        self.kernel_drops = 0  # the highest drop count seen on this socket
+        self.unicast: dict[str, bool] = {}  # check 2's verdicts, by source host
+        self.drops_by_meminfo = read_kernel_drops(sock) is not None
+        if not self.drops_by_meminfo:
+            # idempotent, like PKTINFO below; where the kernel lacks it, no drop is counted
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+            except OSError:
+                pass
         self.with_pktinfo = is_wildcard(sock)
+        # chosen once: the loop calls on_readable for every wake-up
+        self.on_readable = (
+            self._answer
+            if self.drops_by_meminfo and not self.with_pktinfo
+            else self._answer_with_ancillary
+        )
         self.ancillary_space = _DROPS_SPACE + (_PKTINFO_SPACE if self.with_pktinfo else 0)
         if self.with_pktinfo:
             # idempotent: every worker sets it on the shared socket before serving
@@ -167,17 +194,79 @@ class DatagramEcho:
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
-    def on_readable(self) -> None:
-        """Answer up to BATCH waiting datagrams. A socket bound to one address lets
-        the kernel pick the reply's source; a wildcard one (with_pktinfo) answers
-        from the address each datagram was sent to."""
+    def refresh_drops(self) -> None:
+        """Read the socket's drop count (housekeeping: once per tick, not per datagram)."""
+        if self.drops_by_meminfo:
+            count = read_kernel_drops(self.sock)
+            if count is not None and count > self.kernel_drops:
+                self.kernel_drops = count
+
+    def _is_unicast(self, host: str) -> bool:
+        verdict = self.unicast.get(host)
+        if verdict is None:
+            if len(self.unicast) >= UNICAST_CACHE:
+                self.unicast.clear()
+            verdict = self.unicast[host] = self.is_unicast(host)
+        return verdict
+
+    def _answer(self) -> None:
+        """Answer up to BATCH waiting datagrams on a socket bound to one address: the
+        kernel picks the reply's source, and no control message is needed."""
+        recvfrom, sendto, buffer, view = (
+            self.sock.recvfrom_into,
+            self.sock.sendto,
+            self.buffer,
+            self.view,
+        )
+        deny_ports, unicast, check = self.deny_ports, self.unicast, self.check
+        counters = self.counters
+        now = time.monotonic() if check is not None else 0.0
+        received = sent = bytes_in = bytes_out = 0
+        for _ in range(BATCH):
+            try:
+                size, source = recvfrom(buffer)
+            except BlockingIOError:
+                break
+            except OSError:
+                counters[_ERRORS] += 1
+                break
+            received += 1
+            bytes_in += size
+            # checks 1-4 of the module docstring, in order; written out, not called:
+            # this runs for every datagram
+            if source[1] in deny_ports:
+                counters[_DROPPED_PORT] += 1
+                continue
+            host = source[0]
+            if not (unicast.get(host) or self._is_unicast(host)):
+                counters[_DROPPED_ADDRESS] += 1
+                continue
+            if check is not None and (verdict := check(host, now)):
+                counters[verdict] += 1
+                continue
+            try:
+                sendto(view[:size], source)
+            except OSError:  # send buffer full or the route vanished: UDP may drop
+                counters[_ERRORS] += 1
+                continue
+            sent += 1
+            bytes_out += size
+        counters[_RECEIVED] += received
+        counters[_BYTES_IN] += bytes_in
+        counters[_SENT] += sent
+        counters[_BYTES_OUT] += bytes_out
+
+    def _answer_with_ancillary(self) -> None:
+        """Answer up to BATCH waiting datagrams with recvmsg: a wildcard socket
+        (with_pktinfo) answers from the address each datagram was sent to, and
+        without SO_MEMINFO the drop count comes as a control message."""
         with_pktinfo, view = self.with_pktinfo, self.view
         # more control messages than PKTINFO's: a drop count is attached
         usual_cmsgs, space = int(with_pktinfo), self.ancillary_space
         sendto = self.sock.sendto
         recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [self.buffer]
         reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
-        deny_ports, is_unicast, check = self.deny_ports, self.is_unicast, self.check
+        deny_ports, unicast, check = self.deny_ports, self.unicast, self.check
         counters = self.counters
         now = time.monotonic() if check is not None else 0.0
         received = sent = bytes_in = bytes_out = 0
@@ -199,7 +288,7 @@ class DatagramEcho:
                 counters[_DROPPED_PORT] += 1
                 continue
             host = source[0]
-            if not is_unicast(host):
+            if not (unicast.get(host) or self._is_unicast(host)):
                 counters[_DROPPED_ADDRESS] += 1
                 continue
             if check is not None and (verdict := check(host, now)):

@@ -1,16 +1,21 @@
 """A worker: one level-triggered epoll loop that accepts on the shared listeners
 and echoes every byte back (RFC 862), serving many connections at once.
 
-Hot path (inlined in ``_loop``): ``recv_into`` a preallocated buffer, ``send``
-straight back, and keep only the bytes the kernel refused. While a connection
-has ``max_buffer`` bytes pending it is not read, so memory stays bounded
-whatever clients do. Idle and lifetime deadlines live in timer wheels, touched
-per connection, never per event.
+Hot path (written out in ``Worker._loop``): ``recv_into`` a preallocated buffer,
+``send`` straight back, and keep only the bytes the kernel refused. The rest
+lives beside it, one module per side of the worker:
+
+* echod.server.connection: a connection's other events (backpressure, half-close),
+  its deadlines and its close;
+* echod.server.accepting: the accept loop and the place in the listeners' queue;
+* echod.server.proxied: PROXY headers, for ``proxy_protocol_from`` sources;
+* echod.server.udp: datagrams; echod.server.drain: when a draining worker closes.
+
+Here: the loop, housekeeping, signals, draining and the choice of worker class.
 """
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import math
@@ -20,21 +25,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from typing import NoReturn
 
 from echod import exitcodes, logs, procname, rundir
-from echod.cidr import AddressPolicy, NetworkSet
+from echod.cidr import AddressPolicy
 from echod.config import Config
 from echod.limits.admission import (
-    REJECTED,
     AdmissionGate,
     SharedLimits,
     address_policy,
-    reject,
-    reset_on_close,
     tcp_limits_configured,
 )
 from echod.scoreboard import (
@@ -45,38 +46,30 @@ from echod.scoreboard import (
     State,
     WorkerSlot,
 )
-from echod.server.access import format_peer
+from echod.server.accepting import Accepting
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
+from echod.server.connection import (
+    EPOLLIN,
+    CloseHook,
+    Connection,
+    StreamEcho,
+    shutdown_gently,
+)
+from echod.server.connection import recv_into as socket_recv_into
+from echod.server.connection import send as socket_send
 from echod.server.drain import DrainSchedule
 from echod.server.listeners import Listener
-from echod.server.proxy import Done, Malformed, ProxyHeaderParser
+from echod.server.proxied import ProxyHeaders
 from echod.server.signals import SignalQueue
 from echod.server.timeouts import TimeoutWheel
 from echod.server.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
 from echod.server.udp import DatagramEcho, build_source_check
+from echod.server.worker_memory import MemoryLimit, own_uss_sampler
 
 log = logging.getLogger("echod.worker")
 
-EPOLLIN = select.EPOLLIN
-EPOLLOUT = select.EPOLLOUT
-EPOLLERR = select.EPOLLERR | select.EPOLLHUP
-AF_UNIX = int(socket.AF_UNIX)
-ACCEPT_BATCH = 64
-EMFILE_PAUSE = 0.5  # seconds to stop accepting when out of file descriptors
 READ_BUFFER_SIZE = 256 * 1024
-DRAIN_LIMIT = 64 * 1024  # bytes read and dropped after shutdown(SHUT_WR), before close
-FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
-ACCEPT_ERROR_COUNTERS = {
-    errno.EMFILE: Counter.ACCEPT_EMFILE,
-    errno.ENFILE: Counter.ACCEPT_ENFILE,
-    errno.ENOMEM: Counter.ACCEPT_ENOMEM,
-    errno.ENOBUFS: Counter.ACCEPT_ENOMEM,
-    errno.ECONNABORTED: Counter.ACCEPT_ABORTED,
-    errno.EPROTO: Counter.ACCEPT_ABORTED,
-}
 ERROR_LOG_INTERVAL = 10.0  # seconds: a repeated error is logged once per interval
-MEMORY_SAMPLE_INTERVAL = 3.0  # seconds between samples of our own USS for max_worker_memory
 WORKER_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -90,84 +83,6 @@ WORKER_SIGNALS = (
 )
 
 
-class Connection:
-    __slots__ = (
-        "accepted_at",
-        "bytes_in",
-        "bytes_out",
-        "fd",
-        "last_active",
-        "peer",
-        "peer_eof",
-        "pending",
-        "reading",
-        "recv_into",
-        "send",
-        "sock",
-        "ticket",
-    )
-
-    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        # bound once here rather than looked up on every event
-        self.recv_into = sock.recv_into
-        self.send = sock.send
-        self.peer = peer
-        self.pending = bytearray()  # echo bytes the kernel did not take yet
-        self.peer_eof = False  # the client shut down its write side
-        self.reading = True
-        self.last_active = now  # last time bytes moved either way
-        self.accepted_at = now
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.ticket: int | None = None  # counted by the AdmissionGate: release at close
-
-
-# Called with each stream connection, and the counter of why it ends, just before
-# its socket closes: the access log (echod.server.access) is one.
-CloseHook = Callable[[Connection, Counter], None]
-
-
-class MemoryLimit:
-    """``max_worker_memory``: is this worker's unique memory (USS) over the limit?
-
-    Reading USS parses /proc/self/smaps (about a millisecond), so housekeeping
-    asks every ``MEMORY_SAMPLE_INTERVAL``, the first time that long after start;
-    never per connection or per event. ``sample`` returns our USS in bytes (see
-    :func:`own_uss_sampler`) or raises OSError.
-    """
-
-    def __init__(self, limit: int, sample: Callable[[], int], now: float) -> None:
-        self.limit = limit
-        self.sample = sample
-        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
-
-    def exceeded(self, now: float) -> int:
-        """If a sample is due and above the limit, that sample (bytes); else 0."""
-        if now < self.next_sample:
-            return 0
-        self.next_sample = now + MEMORY_SAMPLE_INTERVAL
-        uss = self.sample()
-        return uss if uss > self.limit else 0
-
-
-def own_uss_sampler() -> Callable[[], int]:
-    """This process's USS through psutil, with the Process object made once."""
-    # Imported here, in the worker that samples: the master imports this module.
-    import psutil
-
-    process = psutil.Process()
-
-    def sample() -> int:
-        try:
-            return int(process.memory_full_info().uss)
-        except psutil.Error as exc:
-            raise OSError(str(exc) or type(exc).__name__) from exc
-
-    return sample
-
-
 @dataclass
 class WorkerIdentity:
     worker_id: int
@@ -175,7 +90,7 @@ class WorkerIdentity:
     master_pid: int
 
 
-class Worker:
+class Worker(Accepting, StreamEcho):
     def __init__(
         self,
         config: Config,
@@ -195,6 +110,7 @@ class Worker:
         self.master_alive_fd = master_alive_fd
         self.epoll = select.epoll()
         self.connections: dict[int, Connection] = {}
+        self.just_accepted: list[int] = []
         self.idle_timeout = config.idle_timeout
         self.max_lifetime = config.max_connection_lifetime
         self.idle_wheel: TimeoutWheel[Connection] | None = (
@@ -252,6 +168,7 @@ class Worker:
             log.critical("worker crashed", exc_info=True)
             os._exit(exitcodes.FAILURE)
         self._close_all(Counter.CLOSED_SHUTDOWN)
+        self._publish_udp_drops()
         self._publish(time.monotonic())  # final counters: the master folds them in on reap
         self.error_log.flush()
         log.info("worker exiting")
@@ -267,6 +184,10 @@ class Worker:
             if not listener.is_datagram and listener.sock.family != socket.AF_UNIX:
                 # accepted sockets inherit it: one call here instead of one per connection
                 listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # set (or cleared) by every worker: a reload may have changed it
+                listener.sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self.config.defer_accept
+                )
         self.epoll.register(self.signals.fileno(), EPOLLIN)
         self.epoll.register(self.master_alive_fd, EPOLLIN)
         self.balancer.open()
@@ -283,24 +204,37 @@ class Worker:
         # The hot path is written out here rather than called: a readable connection
         # with nothing queued is read into the worker's buffer and echoed straight
         # back. Everything else (backpressure, half-close, errors, listeners,
-        # signals) goes through methods.
+        # signals) goes through methods. Connections accepted while handling the
+        # events are then handled as readable, without waiting for the next poll:
+        # their client has usually sent already.
         poll = self.epoll.poll
         find = self.connections.get
         buffer = self.buffer
         view = self.view
         monotonic = time.monotonic
         reset = Counter.CLOSED_RESET
+        recv_into, send = socket_recv_into, socket_send
+        just_accepted = self.just_accepted
+        now = monotonic()
         while not self.stopping:
-            now = monotonic()
+            # `now` is from just after the last poll: handling its events took
+            # microseconds, and housekeeping is not that precise
             if now >= self.next_housekeeping:
                 self._housekeeping(now)
-            events = poll(max(0.0, self.next_housekeeping - now))
+            timeout = self.next_housekeeping - now
+            events = poll(timeout if timeout > 0.0 else 0.0)
             now = monotonic()
             moved_in = moved_out = 0
+            if just_accepted:  # accepted by housekeeping's sweep: readable too
+                events += [(new, EPOLLIN) for new in just_accepted]
+                just_accepted.clear()
             for fd, mask in events:
                 conn = find(fd)
                 if conn is None:
                     self._on_control_event(fd, now)
+                    if just_accepted:  # iterating a list goes on over what is appended
+                        events += [(new, EPOLLIN) for new in just_accepted]
+                        just_accepted.clear()
                     continue
                 if conn.pending:
                     self._on_backlogged(conn, mask, now)
@@ -308,7 +242,7 @@ class Worker:
                 # Nothing queued, so the connection is registered for EPOLLIN only and
                 # whatever woke us (data, EOF, an error) is for recv to report.
                 try:
-                    received = conn.recv_into(buffer)
+                    received = recv_into(conn.sock, buffer)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -318,7 +252,7 @@ class Worker:
                     self._on_peer_eof(conn)
                     continue
                 try:
-                    sent = conn.send(view[:received])
+                    sent = send(conn.sock, view[:received])
                 except BlockingIOError:
                     sent = 0
                 except OSError:
@@ -327,7 +261,6 @@ class Worker:
                 moved_in += received
                 moved_out += sent
                 conn.bytes_in += received
-                conn.bytes_out += sent
                 conn.last_active = now
                 if sent < received:
                     self._keep_unsent(conn, view[sent:received])
@@ -344,12 +277,7 @@ class Worker:
             if listener.is_datagram:
                 self.datagram_echoes[fd].on_readable()
             else:
-                before = self.accepted
-                self._accept(
-                    listener, now, self.balancer.accept_budget(len(self.connections), ACCEPT_BATCH)
-                )
-                if self.accepted != before:
-                    self._after_accepting(listener, now)
+                self._on_listener(listener, now)
         elif self.signals is not None and fd == self.signals.fileno():
             self._on_signals()
         elif fd == self.master_alive_fd:
@@ -379,6 +307,7 @@ class Worker:
             self._sweep_listeners(now)
         if self.memory_limit is not None:
             self._check_memory(now)
+        self._publish_udp_drops()
         self._publish(now)
         self.error_log.flush()
         next_tick = min(now + self.heartbeat_interval, next_close)
@@ -394,25 +323,30 @@ class Worker:
         self.next_housekeeping = next_tick
 
     def _publish(self, now: float) -> None:
+        """Every counter, with the load: after each accept batch and each tick."""
         counters = self.counters
         counters[Counter.ACCEPTED] = self.accepted
         counters[Counter.BYTES_IN] = self.bytes_in
         counters[Counter.BYTES_OUT] = self.bytes_out
         self.slot.publish(now, len(self.connections), counters)
-        if self.datagram_echoes:
-            drops = tuple(
-                (echo.inode, echo.kernel_drops)
-                for echo in self.datagram_echoes.values()
-                if echo.kernel_drops
-            )
-            if drops != self.published_drops:
-                if len(drops) > UDP_DROP_SOCKETS_PER_SLOT >= len(self.published_drops):
-                    log.warning(  # once: the next time, the published pairs are full
-                        "kernel drops on more than %d UDP sockets: the others are not counted",
-                        UDP_DROP_SOCKETS_PER_SLOT,
-                    )
-                self.slot.publish_udp_drops(drops)
-                self.published_drops = drops
+
+    def _publish_udp_drops(self) -> None:
+        """The kernel's drop count per UDP socket, when it rose (each tick, not per accept)."""
+        for echo in self.datagram_echoes.values():
+            echo.refresh_drops()
+        drops = tuple(
+            (echo.inode, echo.kernel_drops)
+            for echo in self.datagram_echoes.values()
+            if echo.kernel_drops
+        )
+        if drops != self.published_drops:
+            if len(drops) > UDP_DROP_SOCKETS_PER_SLOT >= len(self.published_drops):
+                log.warning(  # once: the next time, the published pairs are full
+                    "kernel drops on more than %d UDP sockets: the others are not counted",
+                    UDP_DROP_SOCKETS_PER_SLOT,
+                )
+            self.slot.publish_udp_drops(drops)
+            self.published_drops = drops
 
     def _on_signals(self) -> None:
         assert self.signals is not None
@@ -452,7 +386,7 @@ class Worker:
         """close_spread: close the connections due now; return when more are due."""
         count, next_close = self.drain_schedule.due(now, len(self.connections))
         for conn in list(islice(self.connections.values(), count)):
-            _shutdown_gently(conn.sock)
+            shutdown_gently(conn.sock)
             self._close(conn, Counter.CLOSED_SHUTDOWN)
         return next_close
 
@@ -480,274 +414,6 @@ class Worker:
         self.recycling = True
         log.info(why, *args)
         self.slot.set_state(State.RETIRING)
-
-    # -- accepting (which worker accepts: see echod.server.balance) ----------------------------
-    def _listen(self, fd: int) -> None:
-        # EPOLLEXCLUSIVE: one worker woken per connection, not all of them; the
-        # registration also puts us at the back of the listener's wake-up queue.
-        self.epoll.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.registered.add(fd)
-
-    def _unlisten(self, fd: int) -> None:
-        self.epoll.unregister(fd)
-        self.registered.discard(fd)
-
-    def _resume_accepting(self) -> None:
-        for fd in self.listeners:
-            if fd not in self.registered:
-                self._listen(fd)
-        self.accepting = True
-        self.capacity_paused = False
-        self.balancer.set_state(AcceptState.LISTENING)
-
-    def _pause_accepting(self) -> None:
-        for fd in list(self.registered):
-            self._unlisten(fd)
-        self.accepting = False
-        self.balancer.set_state(AcceptState.OFF)
-
-    def _after_accepting(self, listener: Listener, now: float) -> None:
-        """Publish our load, then go to the back of the queue or stand aside."""
-        self._publish(now)  # all counters, so that readers see them agree with the load
-        if not self.accepting or not self.balancer.has_peers():
-            return
-        if self.balancer.should_stand_aside(len(self.connections)):
-            for fd, stream in self.listeners.items():
-                if not stream.is_datagram and fd in self.registered:
-                    self._unlisten(fd)
-            self.next_housekeeping = min(self.next_housekeeping, now + ASIDE_RECHECK)
-            return
-        # Re-registering moves us behind the workers already waiting, so that the
-        # next connection wakes one of them: the kernel wakes waiters in order.
-        fd = listener.fileno()
-        self._unlisten(fd)
-        self._listen(fd)
-
-    def _rejoin(self) -> None:
-        for fd, stream in self.listeners.items():
-            if not stream.is_datagram and fd not in self.registered:
-                self._listen(fd)
-        self.balancer.set_state(AcceptState.LISTENING)
-
-    def _accept(self, listener: Listener, now: float, budget: int = ACCEPT_BATCH) -> None:
-        # socket.accept() would turn the family and type into enums for every
-        # connection (a tenth of the accept path's Python time): wrap the fd ourselves.
-        accept_fd = listener.sock._accept
-        family, kind, proto = listener.shape
-        connections = self.connections
-        limit = self.config.max_connections
-        gate = self.admission if family != AF_UNIX else None
-        for _ in range(budget):
-            if len(connections) >= limit:
-                self._pause_at_capacity()
-                return
-            try:
-                fd, peer = accept_fd()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(listener, exc, now)
-                return
-            client = socket.socket(family, kind, proto, fd)
-            ticket = None
-            if gate is not None:
-                ticket = gate.admit(peer[0])
-                if ticket == REJECTED:
-                    reject(client)
-                    continue
-            client.setblocking(False)
-            conn = Connection(client, peer, now)
-            conn.ticket = ticket
-            connections[conn.fd] = conn
-            self.epoll.register(conn.fd, EPOLLIN)
-            if self.idle_wheel is not None:
-                self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
-            if self.lifetime_wheel is not None:
-                self.lifetime_wheel.add(conn.fd, conn, now + self.max_lifetime)
-            self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
-            self.accepted += 1
-            if self.accepted == self.recycle_after:
-                self._request_recycling("recycling after %d connections", self.accepted)
-            if len(connections) >= limit:
-                # Leave the wait queue as soon as we are full, not when next woken:
-                # EPOLLEXCLUSIVE would hand that wakeup to us alone, and the
-                # connection would wait for the next arrival to wake a worker with room.
-                self._pause_at_capacity()
-                return
-
-    def _accept_failed(self, listener: Listener, exc: OSError, now: float) -> None:
-        if exc.errno != errno.EINTR:
-            self.counters[ACCEPT_ERROR_COUNTERS.get(exc.errno, Counter.ACCEPT_OTHER)] += 1
-        if exc.errno in FD_EXHAUSTED:
-            self._out_of_descriptors(exc, now)
-        elif exc.errno not in ACCEPT_TRANSIENT:
-            self.counters[Counter.ERRORS] += 1
-            self.error_log.log(
-                logging.WARNING,
-                "accept on %s failed: %s",
-                listener.bound,
-                exc.strerror,
-                key=f"accept {listener.bound} {exc.errno}",
-            )
-
-    def _sweep_listeners(self, now: float) -> None:
-        # EPOLLEXCLUSIVE hands a connection's wakeup to one waiter. A peer that took
-        # it and hung before accepting (stopped, stuck) leaves the connection queued
-        # until the next arrival wakes someone else, which may never come: so every
-        # housekeeping tick, a listening worker looks at the queues itself.
-        for fd in [fd for fd in self.registered if not self.listeners[fd].is_datagram]:
-            self._on_control_event(fd, now)
-
-    def _pause_at_capacity(self) -> None:
-        self._pause_accepting()
-        self.capacity_paused = True  # resumed by _close when a connection leaves
-        self.counters[Counter.REJECTED_MAX_CONNECTIONS] += 1
-
-    def _accept_all_queued(self, listener: Listener, now: float) -> None:
-        for _ in range(1000):  # bounded: the backlog is finite, but stay safe
-            before = self.accepted
-            self._accept(listener, now)
-            if self.accepted - before < ACCEPT_BATCH:
-                return
-
-    def _out_of_descriptors(self, exc: OSError, now: float) -> None:
-        self._pause_accepting()
-        self.accept_resume_at = now + EMFILE_PAUSE
-        self.next_housekeeping = min(self.next_housekeeping, self.accept_resume_at)
-        self.counters[Counter.ACCEPT_PAUSED_EMFILE] += 1
-        self.error_log.log(
-            logging.WARNING,
-            "out of file descriptors (%s) with %d connection(s) open: pausing accept for %.1fs",
-            exc.strerror,
-            len(self.connections),
-            EMFILE_PAUSE,
-            key="out of file descriptors",
-        )
-
-    # -- echoing (the common case is inlined in _loop) ------------------------------
-    def _keep_unsent(self, conn: Connection, unsent: memoryview) -> None:
-        """The kernel took only part of an echo: queue the rest, stop reading if full."""
-        conn.pending += unsent
-        conn.reading = len(conn.pending) < self.max_buffer
-        self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN if conn.reading else EPOLLOUT)
-
-    def _on_backlogged(self, conn: Connection, mask: int, now: float) -> None:
-        """An event on a connection that still has echo bytes queued."""
-        if mask & EPOLLOUT:
-            self._flush(conn, now)
-            if not conn.pending or self.connections.get(conn.fd) is not conn:
-                return  # all flushed (unread input is reported again: level-triggered) or closed
-        if mask & (EPOLLIN | EPOLLERR):
-            if conn.reading:
-                self._read_behind(conn, now)
-            elif mask & EPOLLERR:
-                self._close(conn, Counter.CLOSED_RESET)
-
-    def _read_behind(self, conn: Connection, now: float) -> None:
-        """Read while earlier bytes still wait to be sent: queue behind them, in order."""
-        pending = conn.pending
-        room = self.max_buffer - len(pending)
-        try:
-            received = conn.recv_into(self.buffer, min(room, len(self.buffer)))
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn, Counter.CLOSED_RESET)
-            return
-        if not received:
-            self._on_peer_eof(conn)
-            return
-        self.bytes_in += received
-        conn.bytes_in += received
-        conn.last_active = now
-        pending += self.view[:received]
-        if len(pending) >= self.max_buffer:
-            conn.reading = False
-            self.epoll.modify(conn.fd, EPOLLOUT)
-
-    def _flush(self, conn: Connection, now: float) -> None:
-        pending = conn.pending
-        try:
-            sent = conn.send(pending)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn, Counter.CLOSED_RESET)
-            return
-        self.bytes_out += sent
-        conn.bytes_out += sent
-        conn.last_active = now
-        del pending[:sent]
-        if pending:
-            if not conn.reading and not conn.peer_eof and len(pending) < self.max_buffer:
-                conn.reading = True
-                self.epoll.modify(conn.fd, EPOLLOUT | EPOLLIN)
-            return
-        if conn.peer_eof:
-            self._close(conn, Counter.CLOSED_EOF)  # everything echoed after half-close
-            return
-        conn.reading = True
-        self.epoll.modify(conn.fd, EPOLLIN)
-
-    def _on_peer_eof(self, conn: Connection) -> None:
-        if not conn.pending:
-            self._close(conn, Counter.CLOSED_EOF)
-            return
-        # half-close: send back what is pending, then close
-        conn.peer_eof = True
-        conn.reading = False
-        self.epoll.modify(conn.fd, EPOLLOUT)
-
-    def _close(self, conn: Connection, reason: Counter) -> None:
-        if self.connections.get(conn.fd) is not conn:
-            return  # closed already (and the fd perhaps reused)
-        del self.connections[conn.fd]
-        self.counters[reason] += 1
-        if self.idle_wheel is not None:
-            self.idle_wheel.discard(conn.fd)
-        if self.lifetime_wheel is not None:
-            self.lifetime_wheel.discard(conn.fd)
-        # Closing also takes the fd out of the epoll set (no other process holds it),
-        # which saves an epoll_ctl per connection.
-        conn.sock.close()
-        if conn.ticket is not None and self.admission is not None:
-            self.admission.release(conn.ticket)
-            conn.ticket = None
-        self.balancer.set_open(len(self.connections))
-        if (
-            self.capacity_paused
-            and len(self.connections) < self.config.max_connections
-            and not self.draining
-        ):
-            self._resume_accepting()
-        elif (
-            self.balancer.state == AcceptState.ASIDE
-            and not self.draining
-            and self.balancer.should_rejoin(len(self.connections))
-        ):
-            self._rejoin()
-
-    def _close_all(self, reason: Counter) -> None:
-        for conn in list(self.connections.values()):
-            _shutdown_gently(conn.sock)
-            self._close(conn, reason)
-
-    def _expire_idle(self, now: float) -> None:
-        assert self.idle_wheel is not None
-        for conn in self.idle_wheel.pop_due(now):
-            deadline = conn.last_active + self.idle_timeout
-            if deadline <= now:  # no byte moved either way for idle_timeout
-                log.debug("closing idle connection from %s", conn.peer)
-                self._close(conn, Counter.CLOSED_IDLE)
-            else:
-                self.idle_wheel.add(conn.fd, conn, deadline)
-
-    def _expire_lifetimes(self, now: float) -> None:
-        assert self.lifetime_wheel is not None
-        for conn in self.lifetime_wheel.pop_due(now):
-            log.debug("closing connection from %s: max_connection_lifetime", conn.peer)
-            _shutdown_gently(conn.sock)
-            self._close(conn, Counter.CLOSED_LIFETIME)
 
     # -- UDP -----------------------------------------------------------------------
     def _datagram_echoes(
@@ -790,33 +456,8 @@ class _ReportingWorker(Worker):
         super()._close(conn, reason)
 
 
-# What an awaiting connection's ``pending`` holds until its PROXY header is complete:
-# truthy, so the inlined hot path hands its events to _on_backlogged (which the
-# proxy-aware worker intercepts), and immutable, so nothing can append to it.
-AWAITING_HEADER = b"PROXY header"
-
-
-class ProxiedConnection(Connection):
-    """A connection from a ``proxy_protocol_from`` source: no byte is echoed and
-    no admission rule applied until its PROXY header is complete."""
-
-    __slots__ = ("header",)
-
-    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
-        super().__init__(sock, peer, now)
-        self.pending = AWAITING_HEADER  # type: ignore[assignment]  # see AWAITING_HEADER
-        self.header = ProxyHeaderParser()
-
-
-class _ProxyWorker(Worker):
-    """A worker with ``proxy_protocol_from`` set: connections from those sources on
-    its TCP listeners begin in the awaiting-header state (see echod.server.proxy).
-
-    A subclass chosen once at start, like _ReportingWorker: without the list the
-    plain Worker runs, and neither its accept path nor its echo path look for it.
-    Here the untrusted connections cost one set lookup at accept; their echo path
-    is the plain one.
-    """
+class _ProxyWorker(ProxyHeaders, Worker):
+    """A worker with ``proxy_protocol_from`` set (see echod.server.proxied)."""
 
     def __init__(
         self,
@@ -828,178 +469,11 @@ class _ProxyWorker(Worker):
         limits: SharedLimits,
     ) -> None:
         super().__init__(config, listeners, slot, identity, master_alive_fd, limits)
-        self.trusted = NetworkSet(config.proxy_protocol_from)
-        self.header_timeout = config.proxy_header_timeout
-        self.header_wheel: TimeoutWheel[Connection] = TimeoutWheel.for_timeout(self.header_timeout)
-
-    def _accept(self, listener: Listener, now: float, budget: int = ACCEPT_BATCH) -> None:
-        # Worker._accept with one branch more: keep the two in step.
-        family, kind, proto = listener.shape
-        if family == AF_UNIX:  # no PROXY header on unix sockets: nobody to trust there
-            super()._accept(listener, now, budget)
-            return
-        accept_fd = listener.sock._accept
-        connections = self.connections
-        limit = self.config.max_connections
-        gate = self.admission
-        trusted = self.trusted
-        for _ in range(budget):
-            if len(connections) >= limit:
-                self._pause_at_capacity()
-                return
-            try:
-                fd, peer = accept_fd()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(listener, exc, now)
-                return
-            client = socket.socket(family, kind, proto, fd)
-            client.setblocking(False)
-            if peer[0] in trusted:
-                # admission waits for the header: the balancer's address is not the client
-                conn: Connection = ProxiedConnection(client, peer, now)
-                connections[conn.fd] = conn
-                self.epoll.register(conn.fd, EPOLLIN)
-                self.header_wheel.add(conn.fd, conn, now + self.header_timeout)
-                self.next_housekeeping = min(self.next_housekeeping, now + self.header_timeout)
-            else:
-                ticket = None
-                if gate is not None:
-                    ticket = gate.admit(peer[0])
-                    if ticket == REJECTED:
-                        reject(client)
-                        continue
-                conn = Connection(client, peer, now)
-                conn.ticket = ticket
-                connections[conn.fd] = conn
-                self.epoll.register(conn.fd, EPOLLIN)
-                if self.idle_wheel is not None:
-                    self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
-            if self.lifetime_wheel is not None:
-                self.lifetime_wheel.add(conn.fd, conn, now + self.max_lifetime)
-            self.next_housekeeping = min(self.next_housekeeping, now + self.shortest_timeout)
-            self.accepted += 1
-            if self.accepted == self.recycle_after:
-                self._request_recycling("recycling after %d connections", self.accepted)
-            if len(connections) >= limit:
-                self._pause_at_capacity()  # as in Worker._accept
-                return
-
-    def _on_backlogged(self, conn: Connection, mask: int, now: float) -> None:
-        if conn.pending is AWAITING_HEADER:
-            self._read_header(conn, now)  # type: ignore[arg-type]  # only ProxiedConnection
-        else:
-            Worker._on_backlogged(self, conn, mask, now)
-
-    def _read_header(self, conn: ProxiedConnection, now: float) -> None:
-        try:
-            received = conn.recv_into(self.buffer)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn, Counter.PROXY_CLOSED_EARLY)  # reset before the header was complete
-            return
-        if not received:
-            self._close(conn, Counter.PROXY_CLOSED_EARLY)
-            return
-        result = conn.header.feed(self.view[:received])
-        if isinstance(result, Done):
-            self._header_done(conn, result, received, now)
-        elif isinstance(result, Malformed):
-            self.error_log.log(
-                logging.WARNING,
-                "closing connection from %s: bad PROXY protocol header (%s)",
-                format_peer(conn.peer),
-                result.reason,
-                key="proxy header malformed",
-            )
-            self._close(conn, Counter.PROXY_MALFORMED)
-
-    def _header_done(
-        self, conn: ProxiedConnection, result: Done, received: int, now: float
-    ) -> None:
-        """The header is consumed: its client is the peer from now on, admission is
-        decided for it, and what followed the header is echoed like any data."""
-        self.header_wheel.discard(conn.fd)
-        if result.client is None:
-            self.counters[Counter.PROXY_LOCAL] += 1  # the real peer stays
-        else:
-            self.counters[Counter.PROXY_PROXIED] += 1
-            conn.peer = result.client
-        gate = self.admission
-        if gate is not None:
-            ticket = gate.admit(conn.peer[0])  # type: ignore[index]  # an IP (host, port)
-            if ticket == REJECTED:
-                # refused as at accept (an RST), counted once: the gate counted it already
-                reason = gate.refused
-                self.counters[reason] -= 1
-                reset_on_close(conn.sock)
-                self._close(conn, reason)
-                return
-            conn.ticket = ticket
-        conn.pending = bytearray()
-        conn.last_active = now
-        if self.idle_wheel is not None:
-            self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)
-        start = result.data_start
-        if start >= received:
-            return
-        view = self.view
-        try:
-            sent = conn.send(view[start:received])
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(conn, Counter.CLOSED_RESET)
-            return
-        size = received - start
-        self.bytes_in += size
-        self.bytes_out += sent
-        conn.bytes_in += size
-        conn.bytes_out += sent
-        if sent < size:
-            self._keep_unsent(conn, view[start + sent : received])
-
-    def _housekeeping(self, now: float) -> None:
-        if self.header_wheel:
-            self._expire_headers(now)
-        super()._housekeeping(now)
-        due = self.header_wheel.next_deadline()
-        if due is not None and due < self.next_housekeeping:
-            self.next_housekeeping = due
-
-    def _expire_headers(self, now: float) -> None:
-        for conn in self.header_wheel.pop_due(now):
-            # an entry outlives a connection closed while awaiting: skip those
-            if self.connections.get(conn.fd) is conn and conn.pending is AWAITING_HEADER:
-                self.error_log.log(
-                    logging.WARNING,
-                    "closing connection from %s: no complete PROXY protocol header "
-                    "within proxy_header_timeout (%gs)",
-                    format_peer(conn.peer),
-                    self.header_timeout,
-                    key="proxy header timeout",
-                )
-                self._close(conn, Counter.PROXY_TIMEOUT)
+        self._init_proxy_headers()
 
 
 class _ReportingProxyWorker(_ReportingWorker, _ProxyWorker):
     """Both: an access log and ``proxy_protocol_from``."""
-
-
-def _shutdown_gently(sock: socket.socket) -> None:
-    """FIN instead of RST: shut our side, drop a bounded amount of unread input."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        drained = 0
-        while drained < DRAIN_LIMIT:
-            chunk = sock.recv(16384)
-            if not chunk:
-                break
-            drained += len(chunk)
-    except OSError:
-        pass
 
 
 def _recycle_threshold(config: Config, worker_id: int) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import selectors
+import signal
 import socket
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -174,3 +176,52 @@ def test_ipv6_listener(start_echod) -> None:
     assert server.addresses[0].startswith("[::1]:")
     with socket.create_connection(("::1", server.port), timeout=10) as sock:
         assert echo_roundtrip(sock, b"over ipv6") == b"over ipv6"
+
+
+def test_what_clients_sent_before_being_accepted_is_echoed_exactly(start_echod) -> None:
+    """The worker reads a connection right after accepting it (the client has
+    usually sent by then): data, a half-close and more than the socket buffers
+    hold, all queued before the accept, come back byte for byte."""
+    server = start_echod(workers=1)
+    (worker,) = server.worker_pids()
+    payloads = [os.urandom(size) for size in (1, 64, 1000, 65536, 4 << 20)]
+    socks = []
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for index, payload in enumerate(payloads):
+            sock = server.connect()
+            socks.append(sock)
+            if len(payload) <= 65536:
+                sock.sendall(payload)
+                if index % 2 == 0:
+                    sock.shutdown(socket.SHUT_WR)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    try:
+        big, big_sock = payloads[-1], socks[-1]
+        writer = threading.Thread(
+            target=lambda: (big_sock.sendall(big), big_sock.shutdown(socket.SHUT_WR))
+        )
+        writer.start()
+        for index, (payload, sock) in enumerate(zip(payloads, socks, strict=True)):
+            if sock is big_sock:
+                assert recv_until_eof(sock, timeout=30) == payload
+            elif index % 2 == 0:
+                assert recv_until_eof(sock, timeout=10) == payload
+            else:
+                assert recv_exactly(sock, len(payload), timeout=10) == payload
+        writer.join(30)
+        assert not writer.is_alive()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_defer_accept_serves_clients_that_send_late(start_echod) -> None:
+    """With TCP_DEFER_ACCEPT the kernel holds a connection until its first byte:
+    one that sends at once and one that sends after a pause are both echoed."""
+    server = start_echod(workers=1, config={"defer_accept": 5})
+    with server.connect() as early, server.connect() as late:
+        assert echo_roundtrip(early, b"at once") == b"at once"
+        time.sleep(0.3)  # the kernel still holds `late`: nothing sent yet
+        assert echo_roundtrip(late, b"after a pause") == b"after a pause"

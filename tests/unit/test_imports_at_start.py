@@ -25,7 +25,7 @@ ALLOWED = {
     # daemon mode, at start-up, before the master serves: python-daemon only there
     ("echod/system/daemonize.py", "daemon"): "before serving",
     # the worker's memory sampler: psutil is loaded by the master already (below)
-    ("echod/server/worker.py", "psutil"): "already loaded",
+    ("echod/server/worker_memory.py", "psutil"): "already loaded",
 }
 SERVER_ENTRY = "import echod.server.startup"
 

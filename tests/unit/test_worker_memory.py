@@ -16,13 +16,8 @@ import pytest
 from echod.config import Config
 from echod.limits.admission import SharedLimits
 from echod.scoreboard import Scoreboard, State, WorkerSlot
-from echod.server.worker import (
-    MEMORY_SAMPLE_INTERVAL,
-    MemoryLimit,
-    Worker,
-    WorkerIdentity,
-    own_uss_sampler,
-)
+from echod.server.worker import Worker, WorkerIdentity
+from echod.server.worker_memory import MEMORY_SAMPLE_INTERVAL, MemoryLimit, own_uss_sampler
 
 
 class Script:
