@@ -23,40 +23,13 @@ PACKAGE_TESTS=(
   tests/integration/test_lifecycle.py
 )
 
-passed=0; failed=0
-ok()     { echo "ok - $*"; passed=$((passed + 1)); }
-not_ok() { echo "not ok - $*"; failed=$((failed + 1)); }
-check()  { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what"; fi; }
-poll() {  # poll SECONDS CMD...: true as soon as CMD succeeds; false after SECONDS.
-  local deadline=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 0.1
-  done
-}
-finish() {
-  echo "$passed passed, $failed failed"
-  [ "$failed" = 0 ]
-  exit
-}
+# ok/check/poll/finish and the process helpers
+. "$SRC/tests/system/checks.sh"
 quietly() {  # run CMD, show its output (as comments) only when it fails
   local out; out=$("$@" 2>&1) && return 0
   local rc=$?; printf '%s\n' "$out" | tail -n 40 | sed 's/^/# /'; return $rc
 }
 elapsed() { echo "# $1: $((SECONDS - phase_started)) s"; phase_started=$SECONDS; }
-main_pid() { systemctl show -p MainPID --value "$UNIT"; }
-workers_of() { ps -o pid= --ppid "$1" | tr -d ' ' | sort -n | tr '\n' ' '; }
-is_active() { systemctl is-active --quiet "$1"; }
-is_inactive() { ! systemctl is-active --quiet "$1"; }
-none_of_in() {  # true when no pid of the first list (space separated) is in the second
-  local pid
-  for pid in $1; do case " $2 " in *" $pid "*) return 1 ;; esac; done
-  return 0
-}
-all_workers_replaced() {  # $1 = master pid, $2 = the old worker pids
-  local now; now=$(workers_of "$1")
-  [ -n "$now" ] && none_of_in "$2" "$now"
-}
 has_workers() { [ -n "$(workers_of "$1")" ]; }
 no_echod_left() { ! pgrep -f echod >/dev/null; }  # "echod: master", "python3 -m echod"...
 
