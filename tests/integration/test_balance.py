@@ -64,6 +64,37 @@ def assert_balanced(held: dict[int, int], total: int) -> None:
     assert max(held.values()) <= bound, f"per worker {sorted(held.values())}: bound {bound:.1f}"
 
 
+def status_json(runtime_dir) -> dict:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "echod.ctl.main",
+            "status",
+            "--json",
+            "--runtime-dir",
+            str(runtime_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_ready(runtime_dir, pid: int) -> None:
+    """Until the worker's loop runs (its scoreboard slot says ready): a forked worker
+    that is still starting accepts nothing, and the others rightly take what comes."""
+
+    def ready() -> bool:
+        workers = status_json(runtime_dir)["workers"]
+        return any(w["pid"] == pid and w["state"] == "ready" for w in workers)
+
+    wait_until(ready, 15, message=f"worker {pid} ready")
+
+
 def one_after_another(server, count: int, timeout: float = 5) -> list[socket.socket]:
     clients = []
     for _ in range(count):
@@ -134,7 +165,7 @@ def test_busy_workers_take_fewer_new_connections(start_echod, clients) -> None:
         assert held[pid] >= 0.75 * total / WORKERS - 2, f"{held} (idle were {idle})"
 
 
-def test_a_replacement_worker_takes_its_share(start_echod, clients) -> None:
+def test_a_replacement_worker_takes_its_share(start_echod, clients, runtime_dir) -> None:
     server = start_echod(workers=WORKERS)
     pids = server.wait_workers(WORKERS)
     clients += one_after_another(server, 120)
@@ -146,19 +177,21 @@ def test_a_replacement_worker_takes_its_share(start_echod, clients) -> None:
     server.wait_for_log(rf"worker \d+ \(pid {victim}\) was killed by SIGKILL")
     survivors = per_worker(server, 90, WORKERS)  # the victim's 30 died with it
     assert survivors[new_pid] == 0
+    wait_ready(runtime_dir, new_pid)
     clients += one_after_another(server, 60)
     held = per_worker(server, 150, WORKERS)
     assert_balanced(held, 150)
     assert held[new_pid] >= 0.75 * 150 / WORKERS - 2, held
 
 
-def test_a_worker_added_by_ttin_takes_its_share(start_echod, clients) -> None:
+def test_a_worker_added_by_ttin_takes_its_share(start_echod, clients, runtime_dir) -> None:
     server = start_echod(workers=3)
     before = set(server.wait_workers(3))
     clients += one_after_another(server, 90)
     per_worker(server, 90, 3)
     server.send_signal(signal.SIGTTIN)
     (added,) = set(server.wait_workers(4)) - before
+    wait_ready(runtime_dir, added)
     clients += one_after_another(server, 30)
     held = per_worker(server, 120, 4)
     assert_balanced(held, 120)
@@ -178,23 +211,7 @@ def test_status_shows_each_workers_share_and_the_spread(start_echod, clients, ru
     held = per_worker(server, 40, WORKERS)
 
     def status() -> dict | None:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "echod.ctl.main",
-                "status",
-                "--json",
-                "--runtime-dir",
-                str(runtime_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-        assert result.returncode == 0, result.stderr
-        document = json.loads(result.stdout)
+        document = status_json(runtime_dir)
         return document if document["totals"]["active"] == 40 else None
 
     document = wait_until(status, 10, message="status to show 40 connections")
