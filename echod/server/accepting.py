@@ -124,6 +124,7 @@ class Accepting:
         return self._open_admitted
 
     def _open(self, client: socket.socket, fd: int, peer: object, now: float) -> Connection:
+        client.setblocking(False)
         conn = Connection(client, fd, peer, now)
         if self.idle_wheel is not None:
             self.idle_wheel.add(conn.fd, conn, now + self.idle_timeout)

@@ -31,10 +31,6 @@ NOTHING_PENDING = b""
 # bound on each connection, without two method objects per connection.
 recv_into = socket.socket.recv_into
 send = socket.socket.send
-# Connection sockets stay in blocking mode (making them non-blocking costs an ioctl
-# per connection): every recv and send on one passes DONTWAIT, so none can block
-# the worker. tests/unit/test_architecture.py checks each call site.
-DONTWAIT = socket.MSG_DONTWAIT
 
 
 class Connection:
@@ -124,7 +120,7 @@ class StreamEcho:
         pending = conn.pending
         room = self.max_buffer - len(pending)
         try:
-            received = recv_into(conn.sock, self.buffer, min(room, len(self.buffer)), DONTWAIT)
+            received = recv_into(conn.sock, self.buffer, min(room, len(self.buffer)))
         except BlockingIOError:
             return
         except OSError:
@@ -144,7 +140,7 @@ class StreamEcho:
     def _flush(self, conn: Connection, now: float) -> None:
         pending = conn.pending
         try:
-            sent = send(conn.sock, pending, DONTWAIT)
+            sent = send(conn.sock, pending)
         except BlockingIOError:
             return
         except OSError:
@@ -220,7 +216,7 @@ def shutdown_gently(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
         drained = 0
         while drained < DRAIN_LIMIT:
-            chunk = sock.recv(16384, DONTWAIT)
+            chunk = sock.recv(16384)
             if not chunk:
                 break
             drained += len(chunk)

@@ -21,7 +21,7 @@ from echod.logs import RateLimitedLog
 from echod.scoreboard import Counter
 from echod.server.accepting import AF_UNIX, Opener
 from echod.server.access import format_peer
-from echod.server.connection import DONTWAIT, NOTHING_PENDING, Connection, recv_into, send
+from echod.server.connection import NOTHING_PENDING, Connection, recv_into, send
 from echod.server.proxy import Done, Malformed, ProxyHeaderParser
 from echod.server.timeouts import TimeoutWheel
 
@@ -82,6 +82,7 @@ class ProxyHeaders:
             if peer[0] not in trusted:  # type: ignore[index]  # an IP (host, port)
                 return plain(client, fd, peer, now)
             # admission waits for the header: the balancer's address is not the client
+            client.setblocking(False)
             conn = ProxiedConnection(client, fd, peer, now)
             self.header_wheel.add(conn.fd, conn, now + self.header_timeout)
             self.next_housekeeping = min(self.next_housekeeping, now + self.header_timeout)
@@ -97,7 +98,7 @@ class ProxyHeaders:
 
     def _read_header(self, conn: ProxiedConnection, now: float) -> None:
         try:
-            received = recv_into(conn.sock, self.buffer, 0, DONTWAIT)
+            received = recv_into(conn.sock, self.buffer)
         except BlockingIOError:
             return
         except OSError:
@@ -150,7 +151,7 @@ class ProxyHeaders:
             return
         view = self.view
         try:
-            sent = send(conn.sock, view[start:received], DONTWAIT)
+            sent = send(conn.sock, view[start:received])
         except BlockingIOError:
             sent = 0
         except OSError:

@@ -49,7 +49,6 @@ from echod.scoreboard import (
 from echod.server.accepting import Accepting
 from echod.server.balance import ASIDE_RECHECK, NUDGE, AcceptBalancer, AcceptState
 from echod.server.connection import (
-    DONTWAIT,
     EPOLLIN,
     CloseHook,
     Connection,
@@ -243,7 +242,7 @@ class Worker(Accepting, StreamEcho):
                 # Nothing queued, so the connection is registered for EPOLLIN only and
                 # whatever woke us (data, EOF, an error) is for recv to report.
                 try:
-                    received = recv_into(conn.sock, buffer, 0, DONTWAIT)
+                    received = recv_into(conn.sock, buffer)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -253,7 +252,7 @@ class Worker(Accepting, StreamEcho):
                     self._on_peer_eof(conn)
                     continue
                 try:
-                    sent = send(conn.sock, view[:received], DONTWAIT)
+                    sent = send(conn.sock, view[:received])
                 except BlockingIOError:
                     sent = 0
                 except OSError:
