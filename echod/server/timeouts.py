@@ -49,8 +49,11 @@ class TimeoutWheel(Generic[T]):
             del self._slots[slot][key]  # an emptied slot stays until due: no heap surgery
 
     def next_deadline(self) -> float | None:
-        """When the earliest slot is due (it may have emptied: firing it then is harmless)."""
-        return self._due_order[0] * self.resolution if self._due_order else None
+        """When the earliest slot is due (it may have emptied: firing it then is
+        harmless), or None when the wheel holds nothing. An emptied slot alone must
+        not set a deadline: callers skip ``pop_due`` on an empty wheel, so a stale
+        slot in the past would ask for housekeeping at once, every iteration."""
+        return self._due_order[0] * self.resolution if self._slot_of else None
 
     def pop_due(self, now: float) -> list[T]:
         """Remove and return every item whose slot is due at ``now``."""

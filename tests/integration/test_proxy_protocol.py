@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from support.abuse import connect_from, counter, is_served, wait_counter
 from support.echod import (
@@ -244,6 +245,23 @@ def test_a_header_not_complete_in_time_is_closed(start_echod) -> None:
     assert time.monotonic() - started >= 0.5  # not before the deadline
     assert wait_counter(server, Counter.PROXY_TIMEOUT, 2) == 2
     server.wait_for_log(r"no complete PROXY protocol header within proxy_header_timeout \(0.5s\)")
+
+
+def test_an_idle_worker_rests_once_every_header_arrived(start_echod) -> None:
+    # Each header that arrives in time leaves an emptied slot in the header wheel;
+    # once its time had passed, the worker's housekeeping was due at every
+    # iteration: an idle PROXY worker spun on epoll_wait(0) at 100 % CPU for good.
+    server = start_echod(config={**TRUSTED, "proxy_header_timeout": 0.2})
+    with server.connect() as sock:
+        sock.sendall(v1_header("192.0.2.7", 5555) + b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+    assert wait_counter(server, Counter.PROXY_PROXIED, 1) == 1
+    (worker,) = (psutil.Process(pid) for pid in server.worker_pids())
+    time.sleep(0.5)  # past the header's deadline: the slot it left is in the past
+    before = sum(worker.cpu_times()[:2])
+    time.sleep(1.0)  # the measured window: idle, so a few ticks of housekeeping at most
+    used = sum(worker.cpu_times()[:2]) - before
+    assert used < 0.3, f"an idle worker used {used:.2f} s of CPU in 1 s"
 
 
 def test_a_balancer_that_leaves_mid_header_is_counted(start_echod) -> None:

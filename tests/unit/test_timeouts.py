@@ -34,6 +34,19 @@ def test_discarded_items_never_fire_and_are_not_kept() -> None:
     assert wheel.pop_due(1000.0) == []
 
 
+def test_a_wheel_emptied_by_discards_sets_no_deadline() -> None:
+    # The PROXY worker's header wheel: every header arrives in time, so each entry
+    # is discarded and only emptied slots remain. Their time once passed, a deadline
+    # from them made the worker's housekeeping due forever: a busy loop.
+    wheel: TimeoutWheel[str] = TimeoutWheel(1.0)
+    wheel.add(1, "conn", 3.0)
+    wheel.discard(1)
+    assert wheel.next_deadline() is None
+    wheel.add(2, "conn", 9.0)  # a stale slot ahead of it fires once, harmlessly
+    assert wheel.next_deadline() == 3.0
+    assert wheel.pop_due(3.0) == [] and wheel.next_deadline() == 9.0
+
+
 def test_adding_again_under_a_key_moves_the_item() -> None:
     wheel: TimeoutWheel[str] = TimeoutWheel(1.0)
     wheel.add(7, "conn", 5.0)
