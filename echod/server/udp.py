@@ -2,18 +2,20 @@
 address the datagram arrived on, with the checks that keep an echo service from
 being used as a reflector (CERT CA-1996-01).
 
-Every worker reads the shared UDP sockets into one preallocated buffer. A socket
-bound to a specific address answers with ``recvfrom_into``/``sendto`` (the
-kernel picks that address as the source). A wildcard socket (0.0.0.0, [::]) on
-a host with several addresses could answer from the wrong one, so it asks for
-the destination of each datagram (IP_PKTINFO / IPV6_RECVPKTINFO) and names it
-as the source of the reply (``recvmsg_into``/``sendmsg``).
+Every worker reads the shared UDP sockets. A socket bound to a specific address
+answers a batch of datagrams with one ``recvmmsg`` and one ``sendmmsg`` (see
+``echod.server.mmsg``; the kernel picks that address as the source). A wildcard
+socket (0.0.0.0, [::]) on a host with several addresses could answer from the
+wrong one, so it asks for the destination of each datagram (IP_PKTINFO /
+IPV6_RECVPKTINFO) and names it as the source of the reply, one datagram at a
+time into one preallocated buffer (``recvmsg_into``/``sendmsg``), as does every
+socket where the batch calls are missing.
 
 Datagrams the kernel drops because the socket's receive buffer is full never
 reach us. The socket's cumulative drop count (sk_drops, shared by every worker
 reading that socket) is read with SO_MEMINFO at each housekeeping tick, off the
-datagram path, so a socket bound to one address is served with plain
-``recvfrom_into``/``sendto``, as C would. Where SO_MEMINFO is missing (Linux
+datagram path, so a socket bound to one address is served without control
+messages, as C would. Where SO_MEMINFO is missing (Linux
 before 4.6), SO_RXQ_OVFL has the kernel attach the same count to each datagram
 received after a drop, and every datagram is read with ``recvmsg_into``. Each
 DatagramEcho keeps the highest count it saw; the worker publishes it per
@@ -54,11 +56,13 @@ from echod.limits.ratelimit import (
     source_key,
 )
 from echod.scoreboard import Counter
+from echod.server import mmsg
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
 BUFFER_SIZE = 65536  # every possible datagram fits: none is ever truncated
 assert max(MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6) < BUFFER_SIZE
 BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
+assert mmsg.DatagramBatch.SIZE == BATCH
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; not in every Python build
@@ -82,6 +86,10 @@ _ERRORS = int(Counter.ERRORS)
 # first octets of IPv4 sources that are never unicast senders
 _NOT_UNICAST_V4 = frozenset(str(octet) for octet in (0, *range(224, 256)))
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+# a batch's sources: (port, address) from sockaddr_in, (port, address + scope id)
+# from sockaddr_in6; the address is the key of the hosts seen
+_SOURCE_V4 = struct.Struct("!2xHI8x")
+_SOURCE_V6 = struct.Struct("!2xH4x20s")
 
 Ancillary = list[tuple[int, int, bytes]]  # recvmsg's control messages
 # host, now -> 0 (pass) or the counter index of the reason to drop
@@ -160,8 +168,10 @@ class DatagramEcho:
         check: SourceCheck | None,
         buffer: bytearray,
         counters: list[int],
+        batch: mmsg.DatagramBatch | None = None,
     ) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.check = check
         self.buffer = buffer
         self.view = memoryview(buffer)
@@ -172,6 +182,9 @@ class DatagramEcho:
         self.inode = os.fstat(sock.fileno()).st_ino  # the socket's identity in the scoreboard
         self.kernel_drops = 0  # the highest drop count seen on this socket
         self.unicast: dict[str, bool] = {}  # check 2's verdicts, by source host
+        # the batch path's: each source address's host, "" if not unicast (check 2)
+        self.hosts: dict[int | bytes, str] = {}
+        self.sources = _SOURCE_V6 if self.ipv6 else _SOURCE_V4
         self.drops_by_meminfo = read_kernel_drops(sock) is not None
         if not self.drops_by_meminfo:
             # idempotent, like PKTINFO below; where the kernel lacks it, no drop is counted
@@ -181,11 +194,9 @@ class DatagramEcho:
                 pass
         self.with_pktinfo = is_wildcard(sock)
         # chosen once: the loop calls on_readable for every wake-up
-        self.on_readable = (
-            self._answer
-            if self.drops_by_meminfo and not self.with_pktinfo
-            else self._answer_with_ancillary
-        )
+        batched = batch is not None and self.drops_by_meminfo and not self.with_pktinfo
+        self.batch = batch if batched else None
+        self.on_readable = self._answer_batch if batched else self._answer_with_ancillary
         self.ancillary_space = _DROPS_SPACE + (_PKTINFO_SPACE if self.with_pktinfo else 0)
         if self.with_pktinfo:
             # idempotent: every worker sets it on the shared socket before serving
@@ -209,52 +220,71 @@ class DatagramEcho:
             verdict = self.unicast[host] = self.is_unicast(host)
         return verdict
 
-    def _answer(self) -> None:
-        """Answer up to BATCH waiting datagrams on a socket bound to one address: the
-        kernel picks the reply's source, and no control message is needed."""
-        recvfrom, sendto, buffer, view = (
-            self.sock.recvfrom_into,
-            self.sock.sendto,
-            self.buffer,
-            self.view,
-        )
-        deny_ports, unicast, check = self.deny_ports, self.unicast, self.check
-        counters = self.counters
+    def _answer_batch(self) -> None:
+        """Answer up to BATCH waiting datagrams on a socket bound to one address, in
+        one recvmmsg and one sendmmsg: the kernel picks the replies' source."""
+        batch, counters = self.batch, self.counters
+        assert batch is not None
+        try:
+            count = batch.receive(self.fd)
+        except OSError:
+            counters[_ERRORS] += 1
+            return
+        if not count:
+            return
+        lengths = batch.lengths(count)
+        sources = self.sources.iter_unpack(batch.names_view[: count * batch.name_size])
+        deny_ports, hosts, check = self.deny_ports, self.hosts, self.check
+        reply_lengths = batch.reply_lengths
         now = time.monotonic() if check is not None else 0.0
-        received = sent = bytes_in = bytes_out = 0
-        for _ in range(BATCH):
-            try:
-                size, source = recvfrom(buffer)
-            except BlockingIOError:
-                break
-            except OSError:
+        answered: list[int] | None = None  # the slots to answer, once one is not
+        bytes_in = 0
+        # checks 1-4 of the module docstring, in order; written out, not called:
+        # this runs for every datagram
+        for slot, (port, address), length in zip(range(count), sources, lengths, strict=True):
+            bytes_in += length
+            if port in deny_ports:
+                reason = _DROPPED_PORT
+            else:
+                host = hosts.get(address)
+                if host is None:
+                    host = self._learn(address)
+                if not host:
+                    reason = _DROPPED_ADDRESS
+                elif check is None or not (reason := check(host, now)):
+                    reply_lengths[2 * slot + 1] = length
+                    if answered is not None:
+                        answered.append(slot)
+                    continue
+            counters[reason] += 1
+            if answered is None:
+                answered = list(range(slot))
+        bytes_out = bytes_in if answered is None else sum(lengths[slot] for slot in answered)
+        replies = count if answered is None else len(answered)
+        if replies:
+            for slot in batch.send(self.fd, answered, count):  # refused: UDP may drop
                 counters[_ERRORS] += 1
-                break
-            received += 1
-            bytes_in += size
-            # checks 1-4 of the module docstring, in order; written out, not called:
-            # this runs for every datagram
-            if source[1] in deny_ports:
-                counters[_DROPPED_PORT] += 1
-                continue
-            host = source[0]
-            if not (unicast.get(host) or self._is_unicast(host)):
-                counters[_DROPPED_ADDRESS] += 1
-                continue
-            if check is not None and (verdict := check(host, now)):
-                counters[verdict] += 1
-                continue
-            try:
-                sendto(view[:size], source)
-            except OSError:  # send buffer full or the route vanished: UDP may drop
-                counters[_ERRORS] += 1
-                continue
-            sent += 1
-            bytes_out += size
-        counters[_RECEIVED] += received
+                replies -= 1
+                bytes_out -= lengths[slot]
+        counters[_RECEIVED] += count
         counters[_BYTES_IN] += bytes_in
-        counters[_SENT] += sent
+        counters[_SENT] += replies
         counters[_BYTES_OUT] += bytes_out
+
+    def _learn(self, address: int | bytes) -> str:
+        """The host string of a new source address, or "" when it cannot be a
+        unicast sender (check 2), remembered for the next datagrams."""
+        if isinstance(address, int):
+            host = socket.inet_ntoa(address.to_bytes(4, "big"))
+        else:
+            scope = int.from_bytes(address[16:], sys.byteorder)
+            text = socket.inet_ntop(socket.AF_INET6, address[:16])
+            # the address as recvfrom would name it: "fe80::1%eth0" for a link-local one
+            host = socket.getnameinfo((text, 0, 0, scope), socket.NI_NUMERICHOST)[0]
+        if len(self.hosts) >= UNICAST_CACHE:
+            self.hosts.clear()
+        self.hosts[address] = verdict = host if self._is_unicast(host) else ""
+        return verdict
 
     def _answer_with_ancillary(self) -> None:
         """Answer up to BATCH waiting datagrams with recvmsg: a wildcard socket
@@ -336,3 +366,22 @@ def _reply_pktinfo_v6(ancillary: Ancillary) -> Ancillary:
             pktinfo = data[:20] if link_local else data[:16] + bytes(4)
             return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
     return []
+
+
+def datagram_echoes(
+    socks: list[socket.socket], config: Config, check: SourceCheck | None, counters: list[int]
+) -> dict[int, DatagramEcho]:
+    """A worker's DatagramEcho for each UDP socket, by file descriptor. They share
+    one buffer and one batch per address family: a worker reads one at a time."""
+    buffer = bytearray(BUFFER_SIZE)
+    calls = mmsg.load()
+    batches: dict[int, mmsg.DatagramBatch] = {}
+    echoes = {}
+    for sock in socks:
+        batch = None
+        if calls is not None:
+            batch = batches.get(sock.family)
+            if batch is None:
+                batch = batches[sock.family] = mmsg.DatagramBatch(calls, BUFFER_SIZE, sock.family)
+        echoes[sock.fileno()] = DatagramEcho(sock, config, check, buffer, counters, batch)
+    return echoes

@@ -62,8 +62,7 @@ from echod.server.listeners import Listener
 from echod.server.proxied import ProxyHeaders
 from echod.server.signals import SignalQueue
 from echod.server.timeouts import TimeoutWheel
-from echod.server.udp import BUFFER_SIZE as DATAGRAM_BUFFER_SIZE
-from echod.server.udp import DatagramEcho, build_source_check
+from echod.server.udp import DatagramEcho, build_source_check, datagram_echoes
 from echod.server.worker_memory import MemoryLimit, own_uss_sampler
 
 log = logging.getLogger("echod.worker")
@@ -419,15 +418,11 @@ class Worker(Accepting, StreamEcho):
     def _datagram_echoes(
         self, limits: SharedLimits, policy: AddressPolicy | None
     ) -> dict[int, DatagramEcho]:
-        datagram_listeners = [lst for lst in self.listeners.values() if lst.is_datagram]
-        if not datagram_listeners:
+        socks = [lst.sock for lst in self.listeners.values() if lst.is_datagram]
+        if not socks:
             return {}
-        buffer = bytearray(DATAGRAM_BUFFER_SIZE)  # one for all: a worker reads one at a time
         check = build_source_check(self.config, limits.udp_buckets, policy)
-        return {
-            lst.fileno(): DatagramEcho(lst.sock, self.config, check, buffer, self.counters)
-            for lst in datagram_listeners
-        }
+        return datagram_echoes(socks, self.config, check, self.counters)
 
 
 class _ReportingWorker(Worker):
