@@ -17,4 +17,4 @@ _.protocol_version, _.default_request_version, _.error_content_type, _.error_mes
 _.requestline, _.request_version, _.close_connection
 _.daemon_threads, _.block_on_close
 # ctypes structure fields written for the kernel to read (echod/server/mmsg.py)
-_.iov_base, _.iov_len, _.msg_name, _.msg_namelen, _.msg_iov, _.msg_iovlen
+_.iov_base, _.iov_len, _.msg_name, _.msg_namelen, _.msg_iov, _.msg_iovlen, _.msg_control

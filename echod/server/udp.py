@@ -2,24 +2,24 @@
 address the datagram arrived on, with the checks that keep an echo service from
 being used as a reflector (CERT CA-1996-01).
 
-Every worker reads the shared UDP sockets. A socket bound to a specific address
-answers a batch of datagrams with one ``recvmmsg`` and one ``sendmmsg`` (see
-``echod.server.mmsg``; the kernel picks that address as the source). A wildcard
-socket (0.0.0.0, [::]) on a host with several addresses could answer from the
-wrong one, so it asks for the destination of each datagram (IP_PKTINFO /
-IPV6_RECVPKTINFO) and names it as the source of the reply, one datagram at a
-time into one preallocated buffer (``recvmsg_into``/``sendmsg``), as does every
-socket where the batch calls are missing.
+Every worker reads the shared UDP sockets in batches: one ``recvmmsg`` reads up
+to BATCH datagrams and one ``sendmmsg`` answers them (see ``echod.server.mmsg``).
+A socket bound to a specific address lets the kernel pick that address as the
+replies' source. A wildcard socket (0.0.0.0, [::]) on a host with several
+addresses could answer from the wrong one, so it asks for the destination of
+each datagram (IP_PKTINFO / IPV6_RECVPKTINFO) and names it as the source of the
+reply.
 
 Datagrams the kernel drops because the socket's receive buffer is full never
 reach us. The socket's cumulative drop count (sk_drops, shared by every worker
 reading that socket) is read with SO_MEMINFO at each housekeeping tick, off the
-datagram path, so a socket bound to one address is served without control
-messages, as C would. Where SO_MEMINFO is missing (Linux
-before 4.6), SO_RXQ_OVFL has the kernel attach the same count to each datagram
-received after a drop, and every datagram is read with ``recvmsg_into``. Each
-DatagramEcho keeps the highest count it saw; the worker publishes it per
-socket (see ``echod.scoreboard``).
+datagram path. Where SO_MEMINFO is missing (Linux before 4.6), SO_RXQ_OVFL has
+the kernel attach the same count to each datagram received after a drop; those
+sockets, and every socket where the batch calls are missing, are read one
+datagram at a time into one preallocated buffer (``recvmsg_into``), answered
+with ``sendto`` or, naming the source, ``sendmsg``. Each DatagramEcho keeps the
+highest count it saw; the worker publishes it per socket (see
+``echod.scoreboard``).
 
 Checks, in order, cheapest first; a datagram failing one is dropped silently and
 counted by reason:
@@ -194,7 +194,9 @@ class DatagramEcho:
                 pass
         self.with_pktinfo = is_wildcard(sock)
         # chosen once: the loop calls on_readable for every wake-up
-        batched = batch is not None and self.drops_by_meminfo and not self.with_pktinfo
+        # a batch reads no drop count: SO_MEMINFO must give it
+        batched = batch is not None and self.drops_by_meminfo
+        assert batch is None or bool(batch.control_size) == self.with_pktinfo
         self.batch = batch if batched else None
         self.on_readable = self._answer_batch if batched else self._answer_with_ancillary
         self.ancillary_space = _DROPS_SPACE + (_PKTINFO_SPACE if self.with_pktinfo else 0)
@@ -221,8 +223,8 @@ class DatagramEcho:
         return verdict
 
     def _answer_batch(self) -> None:
-        """Answer up to BATCH waiting datagrams on a socket bound to one address, in
-        one recvmmsg and one sendmmsg: the kernel picks the replies' source."""
+        """Answer up to BATCH waiting datagrams in one recvmmsg and (usually) one
+        sendmmsg; a wildcard socket's replies name their datagram's destination."""
         batch, counters = self.batch, self.counters
         assert batch is not None
         try:
@@ -233,12 +235,15 @@ class DatagramEcho:
         if not count:
             return
         lengths = batch.lengths(count)
+        if self.with_pktinfo:
+            batch.reply_from_destination(count)
         sources = self.sources.iter_unpack(batch.names_view[: count * batch.name_size])
         deny_ports, hosts, check = self.deny_ports, self.hosts, self.check
         reply_lengths = batch.reply_lengths
         now = time.monotonic() if check is not None else 0.0
-        answered: list[int] | None = None  # the slots to answer, once one is not
-        bytes_in = 0
+        refused: list[int] = []
+        run = 0  # the first slot of the run of datagrams to answer, sent as one
+        bytes_in = dropped = dropped_bytes = 0
         # checks 1-4 of the module docstring, in order; written out, not called:
         # this runs for every datagram
         for slot, (port, address), length in zip(range(count), sources, lengths, strict=True):
@@ -253,23 +258,20 @@ class DatagramEcho:
                     reason = _DROPPED_ADDRESS
                 elif check is None or not (reason := check(host, now)):
                     reply_lengths[2 * slot + 1] = length
-                    if answered is not None:
-                        answered.append(slot)
                     continue
             counters[reason] += 1
-            if answered is None:
-                answered = list(range(slot))
-        bytes_out = bytes_in if answered is None else sum(lengths[slot] for slot in answered)
-        replies = count if answered is None else len(answered)
-        if replies:
-            for slot in batch.send(self.fd, answered, count):  # refused: UDP may drop
-                counters[_ERRORS] += 1
-                replies -= 1
-                bytes_out -= lengths[slot]
+            dropped += 1
+            dropped_bytes += length
+            if run < slot:
+                refused += batch.send(self.fd, run, slot)
+            run = slot + 1
+        if run < count:
+            refused += batch.send(self.fd, run, count)
+        counters[_ERRORS] += len(refused)  # send buffer full or the route vanished
         counters[_RECEIVED] += count
         counters[_BYTES_IN] += bytes_in
-        counters[_SENT] += replies
-        counters[_BYTES_OUT] += bytes_out
+        counters[_SENT] += count - dropped - len(refused)
+        counters[_BYTES_OUT] += bytes_in - dropped_bytes - sum(lengths[slot] for slot in refused)
 
     def _learn(self, address: int | bytes) -> str:
         """The host string of a new source address, or "" when it cannot be a
@@ -372,16 +374,18 @@ def datagram_echoes(
     socks: list[socket.socket], config: Config, check: SourceCheck | None, counters: list[int]
 ) -> dict[int, DatagramEcho]:
     """A worker's DatagramEcho for each UDP socket, by file descriptor. They share
-    one buffer and one batch per address family: a worker reads one at a time."""
+    one buffer, and one batch per kind of socket (family, wildcard or not): a
+    worker reads one socket at a time."""
     buffer = bytearray(BUFFER_SIZE)
     calls = mmsg.load()
-    batches: dict[int, mmsg.DatagramBatch] = {}
+    batches: dict[tuple[int, bool], mmsg.DatagramBatch] = {}
     echoes = {}
     for sock in socks:
         batch = None
         if calls is not None:
-            batch = batches.get(sock.family)
-            if batch is None:
-                batch = batches[sock.family] = mmsg.DatagramBatch(calls, BUFFER_SIZE, sock.family)
+            kind = (sock.family, is_wildcard(sock))
+            if kind not in batches:
+                batches[kind] = mmsg.DatagramBatch(calls, BUFFER_SIZE, *kind)
+            batch = batches[kind]
         echoes[sock.fileno()] = DatagramEcho(sock, config, check, buffer, counters, batch)
     return echoes

@@ -240,17 +240,23 @@ def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(tmp_pat
             if "ready" in line or not line:
                 break
         results = []
-        for destination, wildcard in [("127.0.0.1", "0.0.0.0"), ("127.0.0.2", "0.0.0.0"),
-                                      ("127.0.0.3", "0.0.0.0"), ("::1", "[::]")]:
-            if wildcard not in ports:
-                continue
-            family = socket.AF_INET6 if ":" in destination else socket.AF_INET
+        # several rounds sent at once, so that one batch holds datagrams to several
+        # destinations ([::] is IPv6 only: V6ONLY)
+        targets = [("127.0.0.1", "0.0.0.0"), ("127.0.0.2", "0.0.0.0"),
+                   ("127.0.0.3", "0.0.0.0"), ("::1", "[::]")]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            mine = [(destination, wildcard) for destination, wildcard in targets
+                    if wildcard in ports and (":" in destination) == (family == socket.AF_INET6)]
             with socket.socket(family, socket.SOCK_DGRAM) as client:
-                client.bind(("::1" if ":" in destination else "127.0.0.1", 0))
+                client.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
                 client.settimeout(5)
-                client.sendto(b"where from?", (destination, ports[wildcard]))
-                data, source = client.recvfrom(100)
-                results.append([destination, source[0], data.decode()])
+                for round in range(4):
+                    for destination, wildcard in mine:
+                        label = f"{{destination}} {{wildcard}} {{round}}"
+                        client.sendto(label.encode(), (destination, ports[wildcard]))
+                for _ in range(4 * len(mine)):
+                    data, source = client.recvfrom(100)
+                    results.append([data.decode().split()[0], source[0], data.decode()])
         server.terminate()
         server.wait(10)
         print(json.dumps({{"results": results}}))
@@ -263,10 +269,11 @@ def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(tmp_pat
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in outcome:
         pytest.skip(outcome["skip"])
-    assert len(outcome["results"]) >= 3, outcome
+    assert len(outcome["results"]) >= 12, outcome
     for destination, source, data in outcome["results"]:
-        assert data == "where from?"
-        assert source == destination, f"sent to {destination}, answered from {source}"
+        assert source == destination, f"sent {data!r} to {destination}, answered from {source}"
+    sent = {f"{d} {w} {r}" for d, w in [("127.0.0.1", "0.0.0.0")] for r in range(4)}
+    assert sent <= {data for _, _, data in outcome["results"]}
 
 
 addresses_v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)

@@ -47,7 +47,8 @@ def echo_of(
     sock: socket.socket, check: SourceCheck | None = None, config: Config | None = None
 ) -> tuple[DatagramEcho, list[int]]:
     counters = [0] * NUM_COUNTERS
-    batch = mmsg.DatagramBatch(CALLS, BUFFER_SIZE, sock.family) if CALLS else None
+    wildcard = udp.is_wildcard(sock)
+    batch = mmsg.DatagramBatch(CALLS, BUFFER_SIZE, sock.family, wildcard) if CALLS else None
     echo = DatagramEcho(sock, config or Config(), check, bytearray(BUFFER_SIZE), counters, batch)
     return echo, counters
 
@@ -198,3 +199,31 @@ def test_the_unicast_verdicts_are_bounded(server: socket.socket) -> None:
         assert echo._is_unicast(f"10.0.{index // 256}.{index % 256}")
     assert len(echo.unicast) <= udp.UNICAST_CACHE
     assert not echo._is_unicast("224.0.0.1")
+
+
+def test_replies_name_each_datagrams_destination_batch_after_batch(
+    server: socket.socket,
+) -> None:
+    """The pktinfo batch (a wildcard socket's; tests/integration/test_udp.py runs one
+    in a network namespace): datagrams that carry no pktinfo (the option not set
+    yet) are answered anyway; every later batch gets its control messages back."""
+    assert CALLS is not None
+    batch = mmsg.DatagramBatch(CALLS, BUFFER_SIZE, socket.AF_INET, pktinfo=True)
+    with client_of(server) as client:
+        for round in range(3):
+            if round == 1:
+                server.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
+            payloads = [b"%d-%d" % (round, index) for index in range(5)]
+            for payload in payloads:
+                client.send(payload)
+            count = batch.receive(server.fileno())
+            assert count == len(payloads)
+            lengths = batch.lengths(count)
+            received = batch._received_bytes[: count * mmsg._MMSG_SIZE]
+            controls = [length for (length,) in mmsg._CONTROL_LENGTHS.iter_unpack(received)]
+            assert controls == [batch.control_size if round else 0] * count
+            batch.reply_from_destination(count)
+            for slot, length in enumerate(lengths):
+                batch.reply_lengths[2 * slot + 1] = length
+            assert batch.send(server.fileno(), 0, count) == []
+            assert [client.recv(100) for _ in payloads] == payloads
