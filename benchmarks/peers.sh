@@ -9,6 +9,9 @@
 #   benchmarks/peers.sh                 # both, --repeat 3 --duration 4 --warmup 1
 #   PARTS=w1 REPEAT=5 benchmarks/peers.sh
 #   BENCH_LOCK=/path/to/lockfile benchmarks/peers.sh   # serialize with other runs (flock)
+#   BEFORE=/path/to/older/echod PARTS=w1 benchmarks/peers.sh
+#       # adds echod-before-w1, that checkout's echod, to the pinned run: a
+#       # before/after from one run (git worktree add /tmp/echod-before <commit>)
 #
 # Needs uvloop in the venv (.venv/bin/pip install uvloop); results in
 # benchmarks/results/peers-<time>/{w1,w2}.md and the compare.py folders.
@@ -29,8 +32,8 @@ cp -r "$KIT"/. "$BUILD"/ && chmod -R u+w "$BUILD" && make -s -C "$BUILD"
 "$PY" -c 'import uvloop' 2>/dev/null || { echo "peers.sh: uvloop is not installed in $PY's environment" >&2; exit 2; }
 
 # {port} is compare.py's; the runtime dir per port keeps concurrent servers apart
-echod() {
-    echo "echod-w$1=env PYTHONPATH=$REPO $PY -m echod -F -w $1 -c $CONF --runtime-dir /tmp/echod-bench-{port} -b 127.0.0.1:{port} -b udp://127.0.0.1:{port}"
+echod() {  # workers [name suffix] [source tree]
+    echo "echod$2-w$1=env PYTHONPATH=${3:-$REPO} $PY -m echod -F -w $1 -c $CONF --runtime-dir /tmp/echod-bench-{port} -b 127.0.0.1:{port} -b udp://127.0.0.1:{port}"
 }
 uvloop() {
     echo "uvloop-w$1=$PY baselines/asyncio_proto.py --udp --loop uvloop --workers $1 --port {port}"
@@ -44,7 +47,9 @@ compare() {
 }
 for part in $PARTS; do
     case $part in
-    w1) compare w1 --server-cpus 0 --load-cpus 1 refecho-w1 refecho-w1-mmsg "$(uvloop 1)" "$(echod 1)" ;;
+    w1) set -- refecho-w1 refecho-w1-mmsg "$(uvloop 1)"
+        if [ -n "${BEFORE:-}" ]; then set -- "$@" "$(echod 1 -before "$BEFORE")"; fi
+        compare w1 --server-cpus 0 --load-cpus 1 "$@" "$(echod 1)" ;;
     w2) compare w2 refecho-w2-reuseport refecho-w2 "$(uvloop 2)" "$(echod 2)" ;;
     *) echo "peers.sh: unknown part $part (w1, w2)" >&2; exit 2 ;;
     esac

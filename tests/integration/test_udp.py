@@ -215,7 +215,7 @@ def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(tmp_pat
     script = tmp_path / "in_netns.py"
     script.write_text(
         textwrap.dedent(f"""
-        import ctypes, fcntl, json, re, select, socket, struct, subprocess, sys, time
+        import atexit, ctypes, fcntl, json, re, select, socket, struct, subprocess, sys, time
         if ctypes.CDLL(None, use_errno=True).unshare(0x40000000):  # CLONE_NEWNET
             print(json.dumps({{"skip": "unshare(CLONE_NEWNET) refused"}})); sys.exit()
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bring lo up
@@ -230,6 +230,7 @@ def test_wildcard_bind_answers_from_the_address_each_datagram_arrived_on(tmp_pat
         server = subprocess.Popen([sys.executable, "-m", "echod", "-F", "-w", "2",
                                    "--runtime-dir", {str(tmp_path / "run")!r}, *binds],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        atexit.register(server.kill)  # even when a step below fails: reap it by pid
         ports, deadline = {{}}, time.monotonic() + 15
         while time.monotonic() < deadline:
             if not select.select([server.stdout], [], [], 1)[0]:
