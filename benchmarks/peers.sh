@@ -33,7 +33,7 @@ cp -r "$KIT"/. "$BUILD"/ && chmod -R u+w "$BUILD" && make -s -C "$BUILD"
 
 # {port} is compare.py's; the runtime dir per port keeps concurrent servers apart
 echod() {  # workers [name suffix] [source tree]
-    echo "echod$2-w$1=env PYTHONPATH=${3:-$REPO} $PY -m echod -F -w $1 -c $CONF --runtime-dir /tmp/echod-bench-{port} -b 127.0.0.1:{port} -b udp://127.0.0.1:{port}"
+    echo "echod${2:-}-w$1=env PYTHONPATH=${3:-$REPO} $PY -m echod -F -w $1 -c $CONF --runtime-dir /tmp/echod-bench-{port} -b 127.0.0.1:{port} -b udp://127.0.0.1:{port}"
 }
 uvloop() {
     echo "uvloop-w$1=$PY baselines/asyncio_proto.py --udp --loop uvloop --workers $1 --port {port}"
