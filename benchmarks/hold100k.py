@@ -163,7 +163,9 @@ def main() -> int:
     a = ap.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    per_worker = hard - 64  # room for listeners, scoreboard, pipes, logs
+    # room for listeners, scoreboard, pipes and logs, and the 64 spare descriptors
+    # echod keeps when it sizes its own soft limit (echod.system.nofile)
+    per_worker = hard - 128
     if a.connections > per_worker * a.workers:
         raise SystemExit(f"{a.connections} connections need more than {a.workers} workers")
     port = free_port()
