@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format venv clean soak generated deb dist image bench-peers
+.PHONY: run test lint format venv clean soak generated deb dist image bench-peers bench-100k
 
 $(BIN)/echod: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ soak: venv
 # BENCH_ARGS are environment settings of benchmarks/peers.sh, e.g. 'PARTS=w1 REPEAT=5'.
 bench-peers: venv
 	env $(BENCH_ARGS) benchmarks/peers.sh
+
+# 100,000 connections held by 7 workers while rr-64B-c50 runs beside them (~1 min;
+# needs echoload, built by bench-peers). BENCH_ARGS are hold100k.py's flags.
+bench-100k: venv
+	$(BIN)/python benchmarks/hold100k.py $(BENCH_ARGS)
 
 # Style (ruff check, and ruff format: `make format` applies it), the package
 # boundaries (lint-imports, contracts in pyproject.toml) and dead code (vulture).
