@@ -193,9 +193,9 @@ class DatagramEcho:
             except OSError:
                 pass
         self.with_pktinfo = is_wildcard(sock)
-        # chosen once: the loop calls on_readable for every wake-up
         # a batch reads no drop count: SO_MEMINFO must give it
         batched = batch is not None and self.drops_by_meminfo
+        # chosen once: the loop calls on_readable for every wake-up
         assert batch is None or bool(batch.control_size) == self.with_pktinfo
         self.batch = batch if batched else None
         self.on_readable = self._answer_batch if batched else self._answer_with_ancillary
@@ -285,7 +285,7 @@ class DatagramEcho:
             host = socket.getnameinfo((text, 0, 0, scope), socket.NI_NUMERICHOST)[0]
         if len(self.hosts) >= UNICAST_CACHE:
             self.hosts.clear()
-        self.hosts[address] = verdict = host if self._is_unicast(host) else ""
+        self.hosts[address] = verdict = host if self.is_unicast(host) else ""
         return verdict
 
     def _answer_with_ancillary(self) -> None:
