@@ -139,6 +139,16 @@ def build_source_check(
     return check
 
 
+def _host_of(address: int | bytes) -> str:
+    """A batch's raw source address (see _SOURCE_V4/_V6) as recvfrom would name it:
+    "fe80::1%eth0" for a link-local IPv6 one."""
+    if isinstance(address, int):
+        return socket.inet_ntoa(address.to_bytes(4, "big"))
+    scope = int.from_bytes(address[16:], sys.byteorder)
+    text = socket.inet_ntop(socket.AF_INET6, address[:16])
+    return socket.getnameinfo((text, 0, 0, scope), socket.NI_NUMERICHOST)[0]
+
+
 def read_kernel_drops(sock: socket.socket) -> int | None:
     """The socket's cumulative drop count (SO_MEMINFO), or None where unavailable."""
     try:
@@ -181,9 +191,9 @@ class DatagramEcho:
         self.is_unicast = is_unicast_source_v6 if self.ipv6 else is_unicast_source_v4
         self.inode = os.fstat(sock.fileno()).st_ino  # the socket's identity in the scoreboard
         self.kernel_drops = 0  # the highest drop count seen on this socket
-        self.unicast: dict[str, bool] = {}  # check 2's verdicts, by source host
-        # the batch path's: each source address's host, "" if not unicast (check 2)
-        self.hosts: dict[int | bytes, str] = {}
+        # check 2's verdicts, by source: its host, or "" when it is not unicast. Keyed
+        # by the raw address in batches, by the host string one datagram at a time
+        self.hosts: dict[int | bytes | str, str] = {}
         self.sources = _SOURCE_V6 if self.ipv6 else _SOURCE_V4
         self.drops_by_meminfo = read_kernel_drops(sock) is not None
         if not self.drops_by_meminfo:
@@ -213,14 +223,6 @@ class DatagramEcho:
             count = read_kernel_drops(self.sock)
             if count is not None and count > self.kernel_drops:
                 self.kernel_drops = count
-
-    def _is_unicast(self, host: str) -> bool:
-        verdict = self.unicast.get(host)
-        if verdict is None:
-            if len(self.unicast) >= UNICAST_CACHE:
-                self.unicast.clear()
-            verdict = self.unicast[host] = self.is_unicast(host)
-        return verdict
 
     def _answer_batch(self) -> None:
         """Answer up to BATCH waiting datagrams in one recvmmsg and (usually) one
@@ -253,7 +255,7 @@ class DatagramEcho:
             else:
                 host = hosts.get(address)
                 if host is None:
-                    host = self._learn(address)
+                    host = self._learn(address, _host_of(address))
                 if not host:
                     reason = _DROPPED_ADDRESS
                 elif check is None or not (reason := check(host, now)):
@@ -273,19 +275,12 @@ class DatagramEcho:
         counters[_SENT] += count - dropped - len(refused)
         counters[_BYTES_OUT] += bytes_in - dropped_bytes - sum(lengths[slot] for slot in refused)
 
-    def _learn(self, address: int | bytes) -> str:
-        """The host string of a new source address, or "" when it cannot be a
-        unicast sender (check 2), remembered for the next datagrams."""
-        if isinstance(address, int):
-            host = socket.inet_ntoa(address.to_bytes(4, "big"))
-        else:
-            scope = int.from_bytes(address[16:], sys.byteorder)
-            text = socket.inet_ntop(socket.AF_INET6, address[:16])
-            # the address as recvfrom would name it: "fe80::1%eth0" for a link-local one
-            host = socket.getnameinfo((text, 0, 0, scope), socket.NI_NUMERICHOST)[0]
+    def _learn(self, key: int | bytes | str, host: str) -> str:
+        """Check 2 for a new source: its host, or "" when it cannot be a unicast
+        sender, remembered for the next datagrams (a bounded number of sources)."""
         if len(self.hosts) >= UNICAST_CACHE:
             self.hosts.clear()
-        self.hosts[address] = verdict = host if self.is_unicast(host) else ""
+        self.hosts[key] = verdict = host if self.is_unicast(host) else ""
         return verdict
 
     def _answer_with_ancillary(self) -> None:
@@ -298,7 +293,7 @@ class DatagramEcho:
         sendto = self.sock.sendto
         recvmsg, sendmsg, buffers = self.sock.recvmsg_into, self.sock.sendmsg, [self.buffer]
         reply_from = _reply_pktinfo_v6 if self.ipv6 else _reply_pktinfo_v4
-        deny_ports, unicast, check = self.deny_ports, self.unicast, self.check
+        deny_ports, hosts, check = self.deny_ports, self.hosts, self.check
         counters = self.counters
         now = time.monotonic() if check is not None else 0.0
         received = sent = bytes_in = bytes_out = 0
@@ -320,11 +315,14 @@ class DatagramEcho:
                 counters[_DROPPED_PORT] += 1
                 continue
             host = source[0]
-            if not (unicast.get(host) or self._is_unicast(host)):
+            verdict = hosts.get(host)
+            if verdict is None:
+                verdict = self._learn(host, host)
+            if not verdict:
                 counters[_DROPPED_ADDRESS] += 1
                 continue
-            if check is not None and (verdict := check(host, now)):
-                counters[verdict] += 1
+            if check is not None and (reason := check(host, now)):
+                counters[reason] += 1
                 continue
             try:
                 if with_pktinfo:

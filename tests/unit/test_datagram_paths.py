@@ -95,10 +95,11 @@ def test_ipv6_batches_name_their_sources_as_recvfrom_would(server6: socket.socke
     loopback_index = socket.if_nametoindex("lo")
     link_local = socket.inet_pton(socket.AF_INET6, "fe80::1")
     scoped = link_local + loopback_index.to_bytes(4, sys.byteorder)
-    assert echo._learn(scoped) == "fe80::1%lo"
-    assert echo._learn(socket.inet_pton(socket.AF_INET6, "ff02::1") + bytes(4)) == ""
+    assert echo._learn(scoped, udp._host_of(scoped)) == "fe80::1%lo"
+    multicast = socket.inet_pton(socket.AF_INET6, "ff02::1") + bytes(4)
+    assert echo._learn(multicast, udp._host_of(multicast)) == ""
     mapped = socket.inet_pton(socket.AF_INET6, "::ffff:224.0.0.1") + bytes(4)
-    assert echo._learn(mapped) == ""
+    assert echo._learn(mapped, udp._host_of(mapped)) == ""
 
 
 def test_refused_datagrams_leave_the_middle_of_a_batch(server: socket.socket) -> None:
@@ -196,9 +197,10 @@ def test_without_so_meminfo_the_drop_count_comes_with_the_datagrams(
 def test_the_unicast_verdicts_are_bounded(server: socket.socket) -> None:
     echo, _ = echo_of(server)
     for index in range(udp.UNICAST_CACHE + 5):
-        assert echo._is_unicast(f"10.0.{index // 256}.{index % 256}")
-    assert len(echo.unicast) <= udp.UNICAST_CACHE
-    assert not echo._is_unicast("224.0.0.1")
+        host = f"10.0.{index // 256}.{index % 256}"
+        assert echo._learn(host, host)
+    assert len(echo.hosts) <= udp.UNICAST_CACHE
+    assert not echo._learn("224.0.0.1", "224.0.0.1")
 
 
 def test_replies_name_each_datagrams_destination_batch_after_batch(
