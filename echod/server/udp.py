@@ -245,11 +245,10 @@ class DatagramEcho:
         now = time.monotonic() if check is not None else 0.0
         refused: list[int] = []
         run = 0  # the first slot of the run of datagrams to answer, sent as one
-        bytes_in = dropped = dropped_bytes = 0
+        dropped = dropped_bytes = 0
         # checks 1-4 of the module docstring, in order; written out, not called:
         # this runs for every datagram
         for slot, (port, address), length in zip(range(count), sources, lengths, strict=True):
-            bytes_in += length
             if port in deny_ports:
                 reason = _DROPPED_PORT
             else:
@@ -269,6 +268,7 @@ class DatagramEcho:
             run = slot + 1
         if run < count:
             refused += batch.send(self.fd, run, count)
+        bytes_in = sum(lengths)
         counters[_ERRORS] += len(refused)  # send buffer full or the route vanished
         counters[_RECEIVED] += count
         counters[_BYTES_IN] += bytes_in
