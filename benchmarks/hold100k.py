@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_procs import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 ECHOLOAD = HERE / "build" / "bench" / "echoload"
@@ -141,12 +143,6 @@ def wait_serving(proc: subprocess.Popen, port: int, workers: int, deadline: floa
                 pass
         time.sleep(0.1)
     raise SystemExit("echod did not serve in time")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> int:

@@ -22,13 +22,10 @@ import socket
 import sys
 import time
 
+from bench_procs import raise_nofile
+
 BYTE = b"k"
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2
-
-
-def raise_nofile() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def open_all(
@@ -113,7 +110,7 @@ def main() -> int:
     ap.add_argument("--in-flight", type=int, default=500)
     ap.add_argument("--timeout", type=float, default=120.0)
     a = ap.parse_args()
-    raise_nofile()
+    raise_nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # soft up to the hard limit
     started = time.monotonic()
     socks = open_all(a.port, a.source, a.count, a.in_flight, a.timeout)
     took = time.monotonic() - started
