@@ -55,7 +55,7 @@ def test_hup_with_a_broken_config_keeps_the_old_one(start_echod, tmp_path: Path)
 
 
 def test_hup_adds_and_removes_binds(start_echod, tmp_path: Path) -> None:
-    from support.echod import free_port
+    from support.echod import connection_refused, free_port
 
     first, second = free_port(), free_port()
     config_path = tmp_path / "binds.toml"
@@ -76,15 +76,10 @@ def test_hup_adds_and_removes_binds(start_echod, tmp_path: Path) -> None:
     server.send_signal(signal.SIGHUP)
     server.wait_for_log("generation 3 serving")
 
-    def first_refused() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", first), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    held.close()  # lets the generation that still had the old listener finish
-    wait_until(first_refused, 20, message=f"port {first} to be closed")
+    held.close()
+    wait_until(
+        lambda: connection_refused("127.0.0.1", first), 20, message=f"port {first} to be closed"
+    )
     with socket.create_connection(("127.0.0.1", second), timeout=10) as sock:
         assert echo_roundtrip(sock, b"second") == b"second"
 

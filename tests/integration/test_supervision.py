@@ -11,7 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support.echod import assert_closed_by_server, echo_roundtrip, wait_until
+from support.echod import (
+    assert_closed_by_server,
+    connection_refused,
+    echo_roundtrip,
+    wait_until,
+)
 from support.faults import BOOT_FAILURE, boot_fault_env
 
 
@@ -85,14 +90,11 @@ def test_term_drains_live_conversations_and_refuses_new_ones(start_echod) -> Non
     assert echo_roundtrip(conversation, b"one") == b"one"
     server.send_signal(signal.SIGTERM)
 
-    def refused() -> bool:
-        try:
-            socket.create_connection((server.host, server.port), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_until(refused, 10, message="new connections to be refused")
+    wait_until(
+        lambda: connection_refused(server.host, server.port),
+        10,
+        message="new connections to be refused",
+    )
     for index in range(5):  # the open conversation keeps echoing while draining
         message = f"still talking {index}".encode()
         assert echo_roundtrip(conversation, message) == message

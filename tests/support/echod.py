@@ -74,6 +74,22 @@ def assert_closed_by_server(sock: socket.socket, timeout: float = 5.0) -> None:
         pass
 
 
+def connection_refused(host: str, port: int) -> bool:
+    """A new connection to host:port is refused (the listener is gone).
+
+    A reset counts as "not yet": a connection the kernel queued in the instant
+    the last copy of a listener closed is reset, not refused; the next try is
+    refused.
+    """
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+    return False
+
+
 def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 10.0) -> bytes:
     sock.sendall(payload)
     return recv_exactly(sock, len(payload), timeout)
