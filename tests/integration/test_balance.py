@@ -9,7 +9,6 @@ measures how much better echod does; these tests must hold on a busy machine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from support.echod import echo_roundtrip, wait_until
+from support.echod import echo_roundtrip, status_json, wait_until
 
 WORKERS = 4
 
@@ -62,26 +61,6 @@ def client_ports_of(pid: int) -> set[int]:
 def assert_balanced(held: dict[int, int], total: int) -> None:
     bound = spread_bound(total, len(held))
     assert max(held.values()) <= bound, f"per worker {sorted(held.values())}: bound {bound:.1f}"
-
-
-def status_json(runtime_dir) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "echod.ctl.main",
-            "status",
-            "--json",
-            "--runtime-dir",
-            str(runtime_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def wait_ready(runtime_dir, pid: int) -> None:

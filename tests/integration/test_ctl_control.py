@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from support.echod import echo_roundtrip, run_echoctl, wait_until
+from support.echod import echo_roundtrip, run_echoctl, status_json, wait_until
 
 
 def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -> None:
@@ -18,9 +17,7 @@ def test_status_shows_the_real_pids_and_counts(start_echod, runtime_dir: Path) -
             assert echo_roundtrip(sock, b"12345") == b"12345"
 
         def status() -> dict | None:
-            result = run_echoctl("status", "--json", "--runtime-dir", str(runtime_dir))
-            assert result.returncode == 0, result.stderr
-            document = json.loads(result.stdout)
+            document = status_json(runtime_dir)
             counts = sum(w["connections"] for w in document["workers"])
             # open connections are live; byte counters publish within a second
             published = document["totals"]["bytes_in"] >= 15

@@ -3,7 +3,6 @@ the real echod, /readyz over HTTP, echoctl as a subprocess, echoes over sockets.
 
 from __future__ import annotations
 
-import json
 import re
 import selectors
 import signal
@@ -17,6 +16,7 @@ from support.echod import (
     echo_roundtrip,
     recv_until_eof,
     run_echoctl,
+    status_json,
     to_toml,
     wait_until,
 )
@@ -61,12 +61,6 @@ def _ctl(runtime_dir: Path, *args: str | int):
     return run_echoctl("--runtime-dir", runtime_dir, *args)
 
 
-def _status_json(runtime_dir: Path) -> dict:
-    result = _ctl(runtime_dir, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["master"]
-
-
 def test_drain_turns_readyz_503_while_everything_serves(start_echod, runtime_dir) -> None:
     server = start_echod(workers=2, config=CONFIG)
     address = _endpoint(server)
@@ -79,7 +73,7 @@ def test_drain_turns_readyz_503_while_everything_serves(start_echod, runtime_dir
         # the verb returns once the effect is visible: no wait needed here
         assert _readyz(address).endswith(b"not ready: draining (echoctl undrain)\n")
         assert _gauge(address, "echod_draining") == 1
-        assert _status_json(runtime_dir)["state"] == "draining"
+        assert status_json(runtime_dir)["master"]["state"] == "draining"
         text = _ctl(runtime_dir, "status")
         assert "state: draining" in text.stdout
         assert _ctl(runtime_dir, "drain").returncode == 0  # again: harmless
@@ -91,7 +85,7 @@ def test_drain_turns_readyz_503_while_everything_serves(start_echod, runtime_dir
         assert undrained.returncode == 0, undrained.stderr
         assert _readyz(address).endswith(b"ready\n")
         assert _gauge(address, "echod_draining") == 0
-        assert _status_json(runtime_dir)["state"] == "serving"
+        assert status_json(runtime_dir)["master"]["state"] == "serving"
         assert echo_roundtrip(held, b"after") == b"after"
     finally:
         held.close()
@@ -109,7 +103,9 @@ def test_drain_holds_across_hup_and_usr2_and_not_across_a_restart(start_echod, r
     upgraded = _ctl(runtime_dir, "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
     # the new image serves: healthy, workers up, and still drained
-    wait_until(lambda: _status_json(runtime_dir)["state"] == "draining", 15, message="drained")
+    wait_until(
+        lambda: status_json(runtime_dir)["master"]["state"] == "draining", 15, message="drained"
+    )
     assert _readyz(address).endswith(b"not ready: draining (echoctl undrain)\n")
     with server.connect() as sock:
         assert echo_roundtrip(sock, b"served") == b"served"
@@ -195,14 +191,14 @@ def test_reload_reports_changes_and_restart_only_keys(start_echod, tmp_path) -> 
     assert warning.group(1).startswith("user changed")
     reloaded = _gauge(address, "echod_config_last_reload_success_timestamp_seconds")
     assert reloaded > loaded
-    status = _status_json(server.runtime_dir)
+    status = status_json(server.runtime_dir)["master"]
     assert status["config_last_reload_successful"] is True
     # a broken config: the gauge goes to 0, the timestamp stays the last good one
     path.write_text("idle_timeout = 'soon'\n")
     assert _ctl(server.runtime_dir, "reload").returncode == 1
     assert _gauge(address, "echod_config_last_reload_successful") == 0
     assert _gauge(address, "echod_config_last_reload_success_timestamp_seconds") == reloaded
-    assert _status_json(server.runtime_dir)["config_last_reload_successful"] is False
+    assert status_json(server.runtime_dir)["master"]["config_last_reload_successful"] is False
     with server.connect() as sock:  # the running configuration still serves
         assert echo_roundtrip(sock, b"fine") == b"fine"
 

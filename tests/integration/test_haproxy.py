@@ -7,7 +7,6 @@ by pid. It must be installed (.ci/run installs it): missing, these tests fail.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.echod import EchodProcess, child_env, echod_command, free_port, run_echoctl, wait_until
+from support.echod import (
+    EchodProcess,
+    child_env,
+    echod_command,
+    free_port,
+    run_echoctl,
+    status_json,
+    wait_until,
+)
 from support.load import ClientLoad
 from support.paths import ETC
 
@@ -229,9 +236,7 @@ def test_usr2_upgrade_of_both_fails_no_connection(two_behind_haproxy) -> None:
 
 
 def _echod_totals(backend: Backend) -> dict[str, float]:
-    result = run_echoctl("--runtime-dir", backend.runtime_dir, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["totals"]
+    return status_json(backend.runtime_dir)["totals"]
 
 
 def test_echoctl_drain_takes_a_backend_out_of_rotation_and_keeps_its_conversations(

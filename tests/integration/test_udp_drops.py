@@ -8,25 +8,21 @@ dropped by the kernel, and counted with the next datagram the socket queues.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from support.abuse import udp_address, udp_kernel_drops, udp_socket
-from support.echod import EchodProcess, wait_until
+from support.echod import EchodProcess, run_echoctl, status_json, wait_until
 
 from echod.config import DEFAULT_UDP_RECEIVE_BUFFER
 
 NO_LIMITS = {"udp_rate_per_source": 0, "udp_rate_total": 0}
 PAYLOAD = b"d" * 1400
-CTL = [sys.executable, "-m", "echod.ctl.main"]
 RMEM_MAX = int(Path("/proc/sys/net/core/rmem_max").read_text())
 
 
@@ -77,14 +73,7 @@ def probe(server: EchodProcess) -> None:
 
 
 def status_drops(server: EchodProcess) -> int:
-    result = subprocess.run(
-        [*CTL, "status", "--json", "--runtime-dir", str(server.runtime_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return int(json.loads(result.stdout)["totals"]["udp_dropped_receive_buffer"])
+    return int(status_json(server.runtime_dir)["totals"]["udp_dropped_receive_buffer"])
 
 
 def metric_drops(address: str) -> int:
@@ -150,13 +139,9 @@ def test_a_burst_onto_a_stopped_worker_is_counted_and_the_count_never_goes_back(
     assert final == total + 300 - answered
     assert settle(lambda: metric_drops(endpoint), final) == final
     assert status_drops(server) == final
-    text = subprocess.run(
-        [*CTL, "status", "--runtime-dir", str(server.runtime_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    shown = run_echoctl("status", "--runtime-dir", server.runtime_dir)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
     assert f"; {final} dropped by the kernel (receive buffer full)" in text, text
 
 

@@ -7,6 +7,7 @@ whatever the test did to it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -304,3 +305,10 @@ def run_echoctl(
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result
+
+
+def status_json(runtime_dir: str | Path) -> dict[str, Any]:
+    """``echoctl status --json`` for the echod whose runtime dir this is (it must succeed)."""
+    result = run_echoctl("status", "--json", "--runtime-dir", runtime_dir)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
