@@ -3,7 +3,9 @@
 
 Each burst is sent while the only worker is stopped (SIGSTOP), so that nothing
 reads the socket: what the buffer holds is answered after SIGCONT, the rest is
-dropped by the kernel, and counted with the next datagram the socket queues.
+dropped by the kernel and counted: echod reads the socket's drop count
+(SO_MEMINFO) at each housekeeping tick, or, on kernels without it, from the
+next datagram the socket queues (SO_RXQ_OVFL); a probe datagram serves both.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def answers(sock: socket.socket, quiet: float = 1.0) -> int:
 
 
 def probe(server: EchodProcess) -> None:
-    """One datagram after a burst: the kernel attaches the drop count to it."""
+    """One datagram after a burst: without SO_MEMINFO, the drop count comes with it."""
     with udp_socket() as sock:
         sock.settimeout(5)
         sock.sendto(b"probe", udp_address(server))
