@@ -107,7 +107,9 @@ class DatagramBatch:
         # one control message: in6_pktinfo {addr, ifindex} or in_pktinfo {ifindex,
         # spec_dst, addr}; anything else reported is not answered with a source
         self.control_size = socket.CMSG_SPACE(20 if ipv6 else 12) if pktinfo else 0
-        self.pktinfo = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO) if ipv6 else (0, IP_PKTINFO)
+        self.pktinfo = (
+            (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO) if ipv6 else (socket.IPPROTO_IP, IP_PKTINFO)
+        )
         self.ipv6 = ipv6
         # anonymous and lazily backed: see the module docstring
         self.memory = mmap.mmap(-1, count * slot_size)
@@ -149,7 +151,7 @@ class DatagramBatch:
         """Read up to SIZE waiting datagrams; their count (0: none waiting).
         OSError for anything but "none waiting"."""
         # msg_namelen comes back as name_size (the socket's family), msg_controllen
-        # is put back by reset(): the vector needs nothing more
+        # is put back by reply_from_destination: the vector needs nothing more
         count = self.calls.recvmmsg(fd, self._received_address, self.SIZE, MSG_DONTWAIT, None)
         if count < 0:
             code = ctypes.get_errno()

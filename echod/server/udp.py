@@ -57,6 +57,7 @@ from echod.limits.ratelimit import (
 )
 from echod.scoreboard import Counter
 from echod.server import mmsg
+from echod.server.mmsg import IP_PKTINFO
 
 REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})  # echo, daytime, qotd, chargen, time
 BUFFER_SIZE = 65536  # every possible datagram fits: none is ever truncated
@@ -64,7 +65,6 @@ assert max(MAX_UDP_PAYLOAD_IPV4, MAX_UDP_PAYLOAD_IPV6) < BUFFER_SIZE
 BATCH = 64  # datagrams per wake-up, so one busy socket cannot starve the others
 assert mmsg.DatagramBatch.SIZE == BATCH
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 lacks the Linux constant
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; not in every Python build
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux >= 4.6: u32 sk_meminfo[]
 _MEMINFO = struct.Struct("=9I")  # SK_MEMINFO_RMEM_ALLOC .. SK_MEMINFO_DROPS
