@@ -34,8 +34,6 @@ import json
 import os
 import re
 import resource
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_procs import free_port
+from bench_procs import echo_once, free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -133,14 +131,8 @@ def wait_serving(proc: subprocess.Popen, port: int, workers: int, deadline: floa
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"echod exited with {proc.returncode}")
-        if len(children(proc.pid)) >= workers:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"x")
-                    if sock.recv(1) == b"x":
-                        return
-            except OSError:
-                pass
+        if len(children(proc.pid)) >= workers and echo_once(port, timeout=1):
+            return
         time.sleep(0.1)
     raise SystemExit("echod did not serve in time")
 
@@ -250,12 +242,7 @@ def main() -> int:
         for holder in holders:
             holder.kill()
             holder.wait()
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process(server, grace=30)  # TERM; then KILL to its process group
     print(json.dumps(report, indent=1))
     ok = report.get("end_alive") == a.connections == report.get("established")
     return 0 if ok else 1
