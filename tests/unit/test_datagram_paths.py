@@ -46,10 +46,9 @@ def server6() -> Iterator[socket.socket]:
 def echo_of(
     sock: socket.socket, check: SourceCheck | None = None, config: Config | None = None
 ) -> tuple[DatagramEcho, list[int]]:
+    """The echo a worker would make for ``sock`` (udp.datagram_echoes), and its counters."""
     counters = [0] * NUM_COUNTERS
-    wildcard = udp.is_wildcard(sock)
-    batch = mmsg.DatagramBatch(CALLS, BUFFER_SIZE, sock.family, wildcard) if CALLS else None
-    echo = DatagramEcho(sock, config or Config(), check, bytearray(BUFFER_SIZE), counters, batch)
+    echo = udp.datagram_echoes([sock], config or Config(), check, counters)[sock.fileno()]
     return echo, counters
 
 
